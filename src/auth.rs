@@ -1,0 +1,161 @@
+//! Who a connection is: a token's name (`AUTH <token>`) or a client certificate's identity
+//! (SPEC section 2.3).
+//!
+//! Tokens are configured only as SHA-256 digests, so the configuration file is not a secret
+//! worth stealing; a presented token is hashed and compared against every digest in
+//! constant time, so timing tells an attacker neither which token nor how much of it matched.
+
+use rustls_pki_types::CertificateDer;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::config::TokenEntry;
+
+/// How a connection authenticated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMethod {
+    Token,
+    Mtls,
+}
+
+impl AuthMethod {
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthMethod::Token => "token",
+            AuthMethod::Mtls => "mtls",
+        }
+    }
+}
+
+/// An authenticated identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    pub identity: String,
+    pub method: AuthMethod,
+}
+
+/// The configured tokens, as digests.
+#[derive(Debug, Clone, Default)]
+pub struct TokenStore {
+    entries: Vec<(String, [u8; 32])>,
+}
+
+/// A configured token digest that is not 64 hex characters.
+#[derive(Debug, thiserror::Error)]
+#[error("token {name:?}: sha256 must be 64 hex characters")]
+pub struct BadDigest {
+    pub name: String,
+}
+
+impl TokenStore {
+    pub fn from_entries(entries: &[TokenEntry]) -> Result<Self, BadDigest> {
+        let entries = entries
+            .iter()
+            .map(|e| {
+                let mut digest = [0u8; 32];
+                hex::decode_to_slice(&e.sha256, &mut digest).map_err(|_| BadDigest {
+                    name: e.name.clone(),
+                })?;
+                Ok((e.name.clone(), digest))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(TokenStore { entries })
+    }
+
+    /// The name of the token whose digest matches, checking every entry so that the time
+    /// taken does not depend on which one (if any) matched.
+    pub fn verify(&self, token: &[u8]) -> Option<Principal> {
+        let digest: [u8; 32] = Sha256::digest(token).into();
+        let mut found = None;
+        for (name, expected) in &self.entries {
+            if bool::from(digest.ct_eq(expected)) {
+                found = Some(name);
+            }
+        }
+        found.map(|name| Principal {
+            identity: name.clone(),
+            method: AuthMethod::Token,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+/// The SHA-256 of a token, in lower-case hex: what `[[auth.tokens]] sha256` stores.
+pub fn token_digest_hex(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+/// The identity of a verified client certificate: its first DNS SAN, else its subject CN.
+/// `None` when it has neither (such a certificate does not authenticate).
+pub fn certificate_identity(cert: &CertificateDer<'_>) -> Option<String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    if let Ok(Some(san)) = parsed.subject_alternative_name() {
+        let dns = san.value.general_names.iter().find_map(|name| match name {
+            x509_parser::extensions::GeneralName::DNSName(dns) => Some(dns.to_string()),
+            _ => None,
+        });
+        if dns.is_some() {
+            return dns;
+        }
+    }
+    let cn = parsed
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .map(str::to_string);
+    cn
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verifies_by_digest() {
+        let store = TokenStore::from_entries(&[
+            TokenEntry {
+                name: "alice".into(),
+                sha256: token_digest_hex("s3cret"),
+            },
+            TokenEntry {
+                name: "bob".into(),
+                sha256: token_digest_hex("other"),
+            },
+        ])
+        .unwrap();
+        assert_eq!(store.verify(b"s3cret").unwrap().identity, "alice");
+        assert_eq!(store.verify(b"other").unwrap().identity, "bob");
+        assert!(store.verify(b"s3cre").is_none());
+        assert!(store.verify(b"").is_none());
+    }
+
+    #[test]
+    fn identity_prefers_dns_san_then_cn() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["svc.example".into()]).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "cn-name");
+        let cert = params.self_signed(&key).unwrap();
+        assert_eq!(
+            certificate_identity(cert.der()).as_deref(),
+            Some("svc.example")
+        );
+
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "cn-only");
+        let cert = params.self_signed(&key).unwrap();
+        assert_eq!(certificate_identity(cert.der()).as_deref(), Some("cn-only"));
+    }
+}

@@ -1,0 +1,246 @@
+//! Development set-up (SPEC section 4): a CA, a server and a client certificate made with
+//! rcgen, a random token, and a `portcullis.toml` that uses them, so that a fresh clone
+//! serves with `cargo run --release` and nothing else.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose,
+};
+
+use crate::auth::token_digest_hex;
+use crate::config::DEFAULT_CONFIG_FILE;
+
+/// The dev listener: loopback only, never the dual-stack wildcard of the default config.
+pub const DEV_LISTEN: &str = "127.0.0.1:8443";
+/// Where the dev token is kept, relative to the working directory.
+pub const DEV_TOKEN_FILE: &str = "certs/dev-token";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BootstrapError {
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot generate a certificate: {0}")]
+    Rcgen(#[from] rcgen::Error),
+}
+
+/// The files `certs generate` writes.
+#[derive(Debug, Clone)]
+pub struct CertPaths {
+    pub ca_cert: PathBuf,
+    pub ca_key: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+impl CertPaths {
+    pub fn in_dir(dir: &Path) -> Self {
+        CertPaths {
+            ca_cert: dir.join("ca.pem"),
+            ca_key: dir.join("ca.key"),
+            server_cert: dir.join("server.pem"),
+            server_key: dir.join("server.key"),
+            client_cert: dir.join("client.pem"),
+            client_key: dir.join("client.key"),
+        }
+    }
+}
+
+/// The default server names: what a local client connects to.
+pub fn default_sans() -> Vec<String> {
+    vec!["localhost".into(), "127.0.0.1".into(), "::1".into()]
+}
+
+/// Generates a CA, a server certificate for `sans` and a client certificate (identity
+/// `dev-client`) into `dir`. Keys are ECDSA P-256, written with mode 0600.
+pub fn generate_certs(dir: &Path, sans: &[String]) -> Result<CertPaths, BootstrapError> {
+    create_dir(dir)?;
+    let paths = CertPaths::in_dir(dir);
+
+    let ca_key = KeyPair::generate()?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "portcullis dev CA");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca = ca_params.self_signed(&ca_key)?;
+
+    let server_key = KeyPair::generate()?;
+    let mut server_params = CertificateParams::new(sans.to_vec())?;
+    server_params
+        .distinguished_name
+        .push(DnType::CommonName, "portcullis");
+    server_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let server = server_params.signed_by(&server_key, &ca, &ca_key)?;
+
+    let client_key = KeyPair::generate()?;
+    let mut client_params = CertificateParams::new(vec!["dev-client".to_string()])?;
+    client_params
+        .distinguished_name
+        .push(DnType::CommonName, "dev-client");
+    client_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let client = client_params.signed_by(&client_key, &ca, &ca_key)?;
+
+    write_file(&paths.ca_cert, ca.pem().as_bytes(), 0o644)?;
+    write_file(&paths.ca_key, ca_key.serialize_pem().as_bytes(), 0o600)?;
+    write_file(&paths.server_cert, server.pem().as_bytes(), 0o644)?;
+    write_file(
+        &paths.server_key,
+        server_key.serialize_pem().as_bytes(),
+        0o600,
+    )?;
+    write_file(&paths.client_cert, client.pem().as_bytes(), 0o644)?;
+    write_file(
+        &paths.client_key,
+        client_key.serialize_pem().as_bytes(),
+        0o600,
+    )?;
+    Ok(paths)
+}
+
+/// A fresh random token (256 bits, hex) and its SHA-256 for the configuration.
+pub fn new_token() -> (String, String) {
+    let bytes: [u8; 32] = rand::random();
+    let token = hex::encode(bytes);
+    let digest = token_digest_hex(&token);
+    (token, digest)
+}
+
+/// The `[[auth.tokens]]` entry for a token digest.
+pub fn token_entry(name: &str, digest: &str) -> String {
+    format!("[[auth.tokens]]\nname = \"{name}\"\nsha256 = \"{digest}\"\n")
+}
+
+/// What the dev bootstrap made or found.
+#[derive(Debug, Clone)]
+pub struct DevSetup {
+    pub config_path: PathBuf,
+    pub token: Option<String>,
+    pub created: bool,
+}
+
+/// Creates the dev certificates, token and `portcullis.toml` in `dir`, unless the config
+/// already exists, in which case everything is reused.
+pub fn dev_setup(dir: &Path) -> Result<DevSetup, BootstrapError> {
+    let config_path = dir.join(DEFAULT_CONFIG_FILE);
+    let token_path = dir.join(DEV_TOKEN_FILE);
+    if config_path.exists() {
+        let token = fs::read_to_string(&token_path)
+            .ok()
+            .map(|t| t.trim().to_string());
+        return Ok(DevSetup {
+            config_path,
+            token,
+            created: false,
+        });
+    }
+    generate_certs(&dir.join("certs"), &default_sans())?;
+    let (token, digest) = new_token();
+    write_file(&token_path, format!("{token}\n").as_bytes(), 0o600)?;
+    let config = format!(
+        "# Development configuration written by `portcullis` on first run.\n\
+         # Keys and their defaults: see README.md.\n\n\
+         [server]\nlisten = \"{DEV_LISTEN}\"\n\n\
+         [tls]\ncert = \"certs/server.pem\"\nkey = \"certs/server.key\"\nclient_ca = \"certs/ca.pem\"\n\n\
+         {}",
+        token_entry("dev", &digest)
+    );
+    write_file(&config_path, config.as_bytes(), 0o644)?;
+    Ok(DevSetup {
+        config_path,
+        token: Some(token),
+        created: true,
+    })
+}
+
+/// The lines printed when serving a dev setup: how to connect by hand.
+pub fn dev_instructions(setup: &DevSetup) -> String {
+    let mut out = String::new();
+    if setup.created {
+        out.push_str("portcullis: created a development setup (certs/, portcullis.toml)\n");
+    }
+    if let Some(token) = &setup.token {
+        out.push_str(&format!("dev token:   {token}\n"));
+    }
+    out.push_str("client cert: certs/client.pem certs/client.key\n");
+    out.push_str(
+        "connect:     openssl s_client -connect 127.0.0.1:8443 -CAfile certs/ca.pem -quiet\n",
+    );
+    out.push_str("then type:   PING, AUTH <token>, ECHO hello, WHOAMI, QUIT\n");
+    out
+}
+
+fn create_dir(dir: &Path) -> Result<(), BootstrapError> {
+    fs::create_dir_all(dir).map_err(|source| BootstrapError::Write {
+        path: dir.into(),
+        source,
+    })
+}
+
+fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), BootstrapError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let err = |source| BootstrapError::Write {
+        path: path.into(),
+        source,
+    };
+    if let Some(parent) = path.parent() {
+        create_dir(parent)?;
+    }
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(path)
+        .map_err(err)?;
+    file.write_all(contents).map_err(err)?;
+    // `mode` applies only to a new file; make an existing one private too.
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn dev_setup_creates_then_reuses() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = dev_setup(dir.path()).unwrap();
+        assert!(first.created);
+        let token = first.token.clone().unwrap();
+        assert_eq!(token.len(), 64);
+        let mode = fs::metadata(dir.path().join("certs/server.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let mode = fs::metadata(dir.path().join(DEV_TOKEN_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+
+        let config =
+            crate::config::Config::load(Some(&first.config_path), [], &Default::default()).unwrap();
+        assert_eq!(config.server.listen.to_string(), DEV_LISTEN);
+        let store = crate::auth::TokenStore::from_entries(&config.auth.tokens).unwrap();
+        assert_eq!(store.verify(token.as_bytes()).unwrap().identity, "dev");
+        let settings = crate::tls::TlsSettings::from_config(&config);
+        crate::tls::TlsMaterial::load(&settings).unwrap();
+
+        let second = dev_setup(dir.path()).unwrap();
+        assert!(!second.created);
+        assert_eq!(second.token.as_deref(), Some(token.as_str()));
+    }
+}

@@ -1,0 +1,413 @@
+//! Message framing: binary length-prefixed frames and text lines, each with a cap that is
+//! checked before a byte is buffered for the message (SPEC section 2.1).
+//!
+//! The decoder is pure (bytes in, messages out) so that it can be unit-tested, property-
+//! tested and fuzzed without a socket. Like rustls' deframer, a binary frame is refused as
+//! soon as its 4-byte header is read; a text line is refused as soon as more bytes than the
+//! cap have arrived without a newline. Neither ever reserves more than `cap + 4` bytes.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use tokio_util::codec::Decoder;
+
+use crate::config::FramingMode;
+
+/// The framing of one connection, decided by its first byte (or forced by configuration).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// `u32` big-endian length, then that many payload bytes.
+    Binary,
+    /// One command per `\n`-terminated line.
+    Text,
+}
+
+impl Framing {
+    /// The label and `WHOAMI` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Framing::Binary => "binary",
+            Framing::Text => "text",
+        }
+    }
+}
+
+/// One decoded message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// A request: the frame's payload, or the line without its `\r\n` / `\n`.
+    Request(Bytes),
+    /// A zero-length binary frame: keeps the connection alive, gets no reply.
+    Heartbeat,
+}
+
+/// A message over its cap. The connection must answer `ERR TOO_LARGE <cap>` and close.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{framing:?} message over the cap of {cap} bytes")]
+pub struct TooLarge {
+    pub framing: Framing,
+    pub cap: usize,
+}
+
+/// What a [`Decoder`] built on this codec can fail with: `Io` only arises from the
+/// `FramedRead` plumbing, never from the codec itself.
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    #[error(transparent)]
+    TooLarge(#[from] TooLarge),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// The per-connection decoder state.
+#[derive(Debug, Clone)]
+pub struct MessageCodec {
+    /// `None` until the first byte arrives (auto-detection).
+    framing: Option<Framing>,
+    max_frame_bytes: usize,
+    max_line_bytes: usize,
+    /// Text mode: how far the buffer is known to hold no `\n`, so that a line trickling in
+    /// byte by byte is scanned once, not once per byte.
+    scanned: usize,
+}
+
+/// The binary header size.
+const HEADER_LEN: usize = 4;
+
+impl MessageCodec {
+    pub fn new(mode: FramingMode, max_frame_bytes: usize, max_line_bytes: usize) -> Self {
+        let framing = match mode {
+            FramingMode::Auto => None,
+            FramingMode::Binary => Some(Framing::Binary),
+            FramingMode::Text => Some(Framing::Text),
+        };
+        MessageCodec {
+            framing,
+            max_frame_bytes,
+            max_line_bytes,
+            scanned: 0,
+        }
+    }
+
+    /// The framing, once decided.
+    pub fn framing(&self) -> Option<Framing> {
+        self.framing
+    }
+
+    /// Appends a reply made of `parts` to `dst` in the connection's framing (text when none
+    /// was decided yet).
+    pub fn encode_reply(&self, parts: &[&[u8]], dst: &mut BytesMut) {
+        encode(self.framing.unwrap_or(Framing::Text), parts, dst);
+    }
+
+    fn decode_binary(&mut self, src: &mut BytesMut) -> Result<Option<Message>, TooLarge> {
+        if src.len() < HEADER_LEN {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes([src[0], src[1], src[2], src[3]]) as usize;
+        if len > self.max_frame_bytes {
+            return Err(TooLarge {
+                framing: Framing::Binary,
+                cap: self.max_frame_bytes,
+            });
+        }
+        if src.len() < HEADER_LEN + len {
+            // Safe to reserve: `len` was checked against the cap above.
+            src.reserve(HEADER_LEN + len - src.len());
+            return Ok(None);
+        }
+        src.advance(HEADER_LEN);
+        if len == 0 {
+            return Ok(Some(Message::Heartbeat));
+        }
+        Ok(Some(Message::Request(src.split_to(len).freeze())))
+    }
+
+    fn decode_text(&mut self, src: &mut BytesMut) -> Result<Option<Message>, TooLarge> {
+        loop {
+            let Some(offset) = src[self.scanned..].iter().position(|&b| b == b'\n') else {
+                self.scanned = src.len();
+                return if self.line_cannot_fit(src) {
+                    Err(self.line_too_large())
+                } else {
+                    Ok(None)
+                };
+            };
+            let newline = self.scanned + offset;
+            self.scanned = 0;
+            let mut line = src.split_to(newline + 1);
+            line.truncate(newline);
+            if line.last() == Some(&b'\r') {
+                line.truncate(newline - 1);
+            }
+            if line.len() > self.max_line_bytes {
+                return Err(self.line_too_large());
+            }
+            if !line.is_empty() {
+                return Ok(Some(Message::Request(line.freeze())));
+            }
+        }
+    }
+
+    /// True when the buffered bytes, still without a `\n`, already exceed the cap: more
+    /// than `max_line_bytes` of content, even allowing for a final `\r`.
+    fn line_cannot_fit(&self, src: &BytesMut) -> bool {
+        let cap = self.max_line_bytes;
+        src.len() > cap + 1 || (src.len() == cap + 1 && src.last() != Some(&b'\r'))
+    }
+
+    fn line_too_large(&self) -> TooLarge {
+        TooLarge {
+            framing: Framing::Text,
+            cap: self.max_line_bytes,
+        }
+    }
+}
+
+impl Decoder for MessageCodec {
+    type Item = Message;
+    type Error = CodecError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Message>, CodecError> {
+        Ok(self.decode_message(src)?)
+    }
+}
+
+impl MessageCodec {
+    /// Decodes the next message, if a whole one is buffered.
+    pub fn decode_message(&mut self, src: &mut BytesMut) -> Result<Option<Message>, TooLarge> {
+        let framing = match self.framing {
+            Some(framing) => framing,
+            None => {
+                let Some(&first) = src.first() else {
+                    return Ok(None);
+                };
+                let framing = if first == 0 {
+                    Framing::Binary
+                } else {
+                    Framing::Text
+                };
+                self.framing = Some(framing);
+                framing
+            }
+        };
+        match framing {
+            Framing::Binary => self.decode_binary(src),
+            Framing::Text => self.decode_text(src),
+        }
+    }
+}
+
+/// Appends one reply, the concatenation of `parts`, in `framing` to `dst`.
+pub fn encode(framing: Framing, parts: &[&[u8]], dst: &mut BytesMut) {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    match framing {
+        Framing::Binary => {
+            dst.reserve(HEADER_LEN + len);
+            // Replies are built from requests that fit their cap (< 16 MiB) plus a short
+            // prefix, so the length always fits in a u32.
+            dst.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
+        }
+        Framing::Text => dst.reserve(len + 1),
+    }
+    for part in parts {
+        dst.extend_from_slice(part);
+    }
+    if framing == Framing::Text {
+        dst.put_u8(b'\n');
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn codec() -> MessageCodec {
+        MessageCodec::new(FramingMode::Auto, 16, 8)
+    }
+
+    fn decode_all(codec: &mut MessageCodec, bytes: &[u8]) -> Result<Vec<Message>, TooLarge> {
+        let mut buf = BytesMut::from(bytes);
+        let mut out = Vec::new();
+        while let Some(msg) = codec.decode_message(&mut buf)? {
+            out.push(msg);
+        }
+        Ok(out)
+    }
+
+    fn req(b: &[u8]) -> Message {
+        Message::Request(Bytes::copy_from_slice(b))
+    }
+
+    #[test]
+    fn first_byte_decides_framing() {
+        let mut c = codec();
+        assert_eq!(decode_all(&mut c, b"PING\n").unwrap(), vec![req(b"PING")]);
+        assert_eq!(c.framing(), Some(Framing::Text));
+        let mut c = codec();
+        assert_eq!(
+            decode_all(&mut c, b"\0\0\0\x04PING").unwrap(),
+            vec![req(b"PING")]
+        );
+        assert_eq!(c.framing(), Some(Framing::Binary));
+    }
+
+    #[test]
+    fn text_drops_cr_and_skips_empty_lines() {
+        let mut c = codec();
+        let got = decode_all(&mut c, b"\r\n\nPING\r\nECHO a\n\r\n").unwrap();
+        assert_eq!(got, vec![req(b"PING"), req(b"ECHO a")]);
+    }
+
+    #[test]
+    fn text_line_at_cap_passes_and_one_over_fails() {
+        let mut c = codec();
+        assert_eq!(
+            decode_all(&mut c, b"12345678\r\n").unwrap(),
+            vec![req(b"12345678")]
+        );
+        let mut c = codec();
+        assert_eq!(
+            decode_all(&mut c, b"123456789\n"),
+            Err(TooLarge {
+                framing: Framing::Text,
+                cap: 8
+            })
+        );
+    }
+
+    #[test]
+    fn text_line_is_refused_before_its_newline_arrives() {
+        let mut c = codec();
+        // 8 bytes of content and a pending `\r`: may still be a valid line.
+        assert_eq!(decode_all(&mut c, b"12345678\r").unwrap(), vec![]);
+        let mut c = codec();
+        assert!(decode_all(&mut c, b"123456789").is_err());
+    }
+
+    #[test]
+    fn binary_heartbeat_and_exact_cap() {
+        let mut c = codec();
+        let mut bytes = vec![0, 0, 0, 0, 0, 0, 0, 16];
+        bytes.extend_from_slice(&[0xFF; 16]);
+        assert_eq!(
+            decode_all(&mut c, &bytes).unwrap(),
+            vec![Message::Heartbeat, req(&[0xFF; 16])]
+        );
+    }
+
+    #[test]
+    fn binary_length_is_refused_from_the_header_alone() {
+        let mut c = codec();
+        let mut buf = BytesMut::from(&[0u8, 0, 0, 17][..]);
+        assert_eq!(
+            c.decode_message(&mut buf),
+            Err(TooLarge {
+                framing: Framing::Binary,
+                cap: 16
+            })
+        );
+        let mut c = MessageCodec::new(FramingMode::Binary, 16, 8);
+        let mut buf = BytesMut::from(&[0xFFu8, 0xFF, 0xFF, 0xFF][..]);
+        assert!(c.decode_message(&mut buf).is_err());
+        assert!(
+            buf.capacity() < 64,
+            "nothing was reserved for the claimed length"
+        );
+    }
+
+    #[test]
+    fn replies_use_the_framing() {
+        let mut dst = BytesMut::new();
+        encode(Framing::Binary, &[b"OK ", b"PONG"], &mut dst);
+        encode(Framing::Text, &[b"OK PONG"], &mut dst);
+        assert_eq!(&dst[..], b"\0\0\0\x07OK PONGOK PONG\n");
+    }
+
+    fn stream_strategy() -> impl Strategy<Value = (Vec<u8>, Vec<Message>, bool)> {
+        let binary = prop::collection::vec(prop::collection::vec(any::<u8>(), 0..=16), 1..8)
+            .prop_map(|frames| {
+                let mut bytes = Vec::new();
+                let mut msgs = Vec::new();
+                for f in frames {
+                    bytes.extend_from_slice(&(f.len() as u32).to_be_bytes());
+                    bytes.extend_from_slice(&f);
+                    msgs.push(if f.is_empty() {
+                        Message::Heartbeat
+                    } else {
+                        req(&f)
+                    });
+                }
+                (bytes, msgs, true)
+            });
+        let text = prop::collection::vec("[A-Za-z0-9 \\x01\\xff]{1,8}", 1..8).prop_map(|lines| {
+            let mut bytes = Vec::new();
+            let mut msgs = Vec::new();
+            for (i, l) in lines.iter().enumerate() {
+                // Avoid a leading NUL, which would select binary framing.
+                let l = l.as_bytes();
+                let l = &l[..l.len().min(8)];
+                bytes.extend_from_slice(l);
+                bytes.extend_from_slice(if i % 2 == 0 { b"\n" } else { b"\r\n" });
+                let trimmed = l.strip_suffix(b"\r").unwrap_or(l);
+                if !trimmed.is_empty() {
+                    msgs.push(req(trimmed));
+                }
+            }
+            (bytes, msgs, false)
+        });
+        prop_oneof![binary, text]
+    }
+
+    proptest! {
+        /// Any split of a valid stream into reads decodes to the same messages.
+        #[test]
+        fn any_split_decodes_the_same(
+            (bytes, expected, _binary) in stream_strategy(),
+            cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..10),
+        ) {
+            let mut points: Vec<usize> = cuts.iter().map(|i| i.index(bytes.len() + 1)).collect();
+            points.push(bytes.len());
+            points.sort_unstable();
+            let mut c = codec();
+            let mut buf = BytesMut::new();
+            let mut got = Vec::new();
+            let mut start = 0;
+            for end in points {
+                buf.extend_from_slice(&bytes[start..end]);
+                start = end;
+                while let Some(m) = c.decode_message(&mut buf).unwrap() {
+                    got.push(m);
+                }
+            }
+            prop_assert_eq!(got, expected);
+        }
+
+        /// Any announced length above the cap is refused, whatever follows.
+        #[test]
+        fn any_length_above_cap_is_refused(len in 17u32.., tail in prop::collection::vec(any::<u8>(), 0..32)) {
+            let mut c = MessageCodec::new(FramingMode::Binary, 16, 8);
+            let mut buf = BytesMut::from(&len.to_be_bytes()[..]);
+            buf.extend_from_slice(&tail);
+            prop_assert_eq!(c.decode_message(&mut buf), Err(TooLarge { framing: Framing::Binary, cap: 16 }));
+            prop_assert!(buf.capacity() < 1024);
+        }
+
+        /// Arbitrary bytes never panic and never grow the buffer past the cap.
+        #[test]
+        fn arbitrary_bytes_are_safe(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+            let mut c = codec();
+            let mut buf = BytesMut::new();
+            for chunk in bytes.chunks(7) {
+                buf.extend_from_slice(chunk);
+                loop {
+                    match c.decode_message(&mut buf) {
+                        Ok(Some(_)) => continue,
+                        Ok(None) => break,
+                        Err(_) => return Ok(()),
+                    }
+                }
+                prop_assert!(buf.len() <= 16 + 4 + 7);
+            }
+        }
+    }
+}

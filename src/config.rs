@@ -1,0 +1,765 @@
+//! Typed, validated configuration (SPEC section 3).
+//!
+//! Loading goes file → environment → flags → typed structs → validation, so every error
+//! names the key it is about: unknown keys and type errors carry their TOML path (through
+//! `serde_path_to_error`), and validation errors carry the dotted key.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+/// The largest `max_frame_bytes` allowed: 16 MiB - 1, which keeps the first byte of every
+/// valid binary frame at `0x00` so that framing can be auto-detected from it.
+pub const MAX_FRAME_CAP: usize = (1 << 24) - 1;
+/// The largest `max_line_bytes` allowed; a line is a human's command, not a payload.
+pub const MAX_LINE_CAP: usize = 1 << 20;
+/// The environment variable prefix of overrides.
+const ENV_PREFIX: &str = "PORTCULLIS_";
+/// The configuration file used when no `--config` is given and it exists.
+pub const DEFAULT_CONFIG_FILE: &str = "portcullis.toml";
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("{key}: {message}")]
+    Key { key: String, message: String },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+}
+
+impl ConfigError {
+    fn key(key: &str, message: impl Into<String>) -> Self {
+        ConfigError::Key {
+            key: key.to_string(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The whole configuration. Every section and key has the default of SPEC section 3.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerSection,
+    pub tls: TlsSection,
+    pub protocol: ProtocolSection,
+    pub limits: LimitsSection,
+    pub auth: AuthSection,
+    pub access: AccessSection,
+    pub proxy_protocol: ProxyProtocolSection,
+    pub admin: AdminSection,
+    pub log: LogSection,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSection {
+    /// Where the gateway listens; the default is dual-stack.
+    pub listen: SocketAddr,
+    /// Runtime worker threads; 0 means one per core.
+    pub workers: usize,
+    /// How long in-flight connections may finish after SIGTERM.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+    /// How long the listener keeps accepting after SIGTERM, while `/readyz` says 503.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_delay: Duration,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        ServerSection {
+            listen: "[::]:8443".parse().expect("constant address"),
+            workers: 0,
+            drain_timeout: Duration::from_secs(30),
+            shutdown_delay: Duration::ZERO,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TlsVersion {
+    #[serde(rename = "1.2")]
+    V1_2,
+    #[serde(rename = "1.3")]
+    V1_3,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsSection {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key: PKCS#8, SEC1 or PKCS#1.
+    pub key: PathBuf,
+    /// PEM CA bundle for client certificates; empty disables mTLS.
+    pub client_ca: PathBuf,
+    pub min_version: TlsVersion,
+    /// ALPN protocols offered, in preference order.
+    pub alpn: Vec<String>,
+    /// When > 0, the certificate files are polled this often and reloaded when changed.
+    #[serde(with = "humantime_serde")]
+    pub reload_interval: Duration,
+}
+
+impl TlsSection {
+    /// The client CA path, when mTLS is enabled.
+    pub fn client_ca(&self) -> Option<&Path> {
+        (!self.client_ca.as_os_str().is_empty()).then_some(self.client_ca.as_path())
+    }
+}
+
+impl Default for TlsSection {
+    fn default() -> Self {
+        TlsSection {
+            cert: "certs/server.pem".into(),
+            key: "certs/server.key".into(),
+            client_ca: PathBuf::new(),
+            min_version: TlsVersion::V1_2,
+            alpn: Vec::new(),
+            reload_interval: Duration::ZERO,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FramingMode {
+    Auto,
+    Binary,
+    Text,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProtocolSection {
+    pub framing: FramingMode,
+    pub max_frame_bytes: usize,
+    pub max_line_bytes: usize,
+}
+
+impl Default for ProtocolSection {
+    fn default() -> Self {
+        ProtocolSection {
+            framing: FramingMode::Auto,
+            max_frame_bytes: 65536,
+            max_line_bytes: 4096,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsSection {
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    pub connection_rate_per_ip: u32,
+    pub connection_burst_per_ip: u32,
+    pub ipv6_prefix: u8,
+    pub max_handshakes_in_flight: usize,
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    pub commands_per_second: u32,
+    pub commands_burst: u32,
+    pub max_write_buffer_bytes: usize,
+    #[serde(with = "humantime_serde")]
+    pub prune_interval: Duration,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        LimitsSection {
+            max_connections: 10000,
+            max_connections_per_ip: 64,
+            connection_rate_per_ip: 20,
+            connection_burst_per_ip: 40,
+            ipv6_prefix: 64,
+            max_handshakes_in_flight: 1024,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            commands_per_second: 100,
+            commands_burst: 200,
+            max_write_buffer_bytes: 262144,
+            prune_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// A verified client certificate or a token.
+    Any,
+    /// Only `AUTH <token>`.
+    Token,
+    /// Only a client certificate.
+    Mtls,
+    /// Every command is served unauthenticated.
+    None,
+}
+
+/// One accepted token: its name (the identity) and the SHA-256 of the token, in hex.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenEntry {
+    pub name: String,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSection {
+    pub mode: AuthMode,
+    #[serde(with = "humantime_serde")]
+    pub auth_timeout: Duration,
+    pub require_client_cert: bool,
+    pub max_failures: u32,
+    #[serde(with = "humantime_serde")]
+    pub failure_window: Duration,
+    #[serde(with = "humantime_serde")]
+    pub ban_duration: Duration,
+    pub tokens: Vec<TokenEntry>,
+}
+
+impl Default for AuthSection {
+    fn default() -> Self {
+        AuthSection {
+            mode: AuthMode::Any,
+            auth_timeout: Duration::from_secs(10),
+            require_client_cert: false,
+            max_failures: 5,
+            failure_window: Duration::from_secs(60),
+            ban_duration: Duration::from_secs(300),
+            tokens: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccessSection {
+    /// When non-empty, only these networks may connect.
+    pub allow: Vec<IpNet>,
+    /// These networks are always refused.
+    pub deny: Vec<IpNet>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyMode {
+    Off,
+    Optional,
+    Required,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyProtocolSection {
+    pub mode: ProxyMode,
+    /// Peers whose PROXY header is believed.
+    pub trusted: Vec<IpNet>,
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    pub max_v2_bytes: usize,
+}
+
+impl Default for ProxyProtocolSection {
+    fn default() -> Self {
+        ProxyProtocolSection {
+            mode: ProxyMode::Off,
+            trusted: Vec::new(),
+            header_timeout: Duration::from_secs(3),
+            max_v2_bytes: 512,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminSection {
+    /// `/metrics`, `/healthz`, `/readyz`. Loopback by default: metrics are not public.
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        AdminSection {
+            listen: "127.0.0.1:9464".parse().expect("constant address"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSection {
+    pub format: LogFormat,
+    /// A `tracing` filter; `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        LogSection {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+/// Values given on the command line; they win over the environment and the file.
+#[derive(Debug, Clone, Default)]
+pub struct FlagOverrides {
+    pub listen: Option<SocketAddr>,
+    pub admin_listen: Option<SocketAddr>,
+    pub log_format: Option<LogFormat>,
+    pub log_level: Option<String>,
+}
+
+impl Config {
+    /// Loads `path` (or only defaults when `None`), applies the `PORTCULLIS_*` variables of
+    /// `env` and then `flags`, resolves relative paths against the file's folder, and
+    /// validates the result.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        flags: &FlagOverrides,
+    ) -> Result<Config, ConfigError> {
+        let mut table = match path {
+            Some(path) => read_table(path)?,
+            None => toml::Table::new(),
+        };
+        apply_env(&mut table, env)?;
+        let mut config = from_table(table, path.unwrap_or(Path::new("<defaults>")))?;
+        config.apply_flags(flags);
+        if let Some(dir) = path.and_then(Path::parent) {
+            config.resolve_paths(dir);
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses a whole TOML document, without environment or flags (fuzzing, tests).
+    pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
+        let origin = Path::new("<string>");
+        let table: toml::Table =
+            text.parse()
+                .map_err(|e: toml::de::Error| ConfigError::Syntax {
+                    path: origin.into(),
+                    message: e.to_string(),
+                })?;
+        let config = from_table(table, origin)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The effective configuration as TOML, for `check-config`.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+
+    fn apply_flags(&mut self, flags: &FlagOverrides) {
+        if let Some(listen) = flags.listen {
+            self.server.listen = listen;
+        }
+        if let Some(listen) = flags.admin_listen {
+            self.admin.listen = listen;
+        }
+        if let Some(format) = flags.log_format {
+            self.log.format = format;
+        }
+        if let Some(level) = &flags.log_level {
+            self.log.level = level.clone();
+        }
+    }
+
+    fn resolve_paths(&mut self, dir: &Path) {
+        for path in [
+            &mut self.tls.cert,
+            &mut self.tls.key,
+            &mut self.tls.client_ca,
+        ] {
+            if !path.as_os_str().is_empty() && path.is_relative() {
+                *path = dir.join(&*path);
+            }
+        }
+    }
+
+    /// Checks every rule that the types alone do not express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let p = &self.protocol;
+        if p.max_frame_bytes == 0 || p.max_frame_bytes > MAX_FRAME_CAP {
+            return Err(ConfigError::key(
+                "protocol.max_frame_bytes",
+                format!(
+                    "must be between 1 and {MAX_FRAME_CAP} (16 MiB - 1), got {}",
+                    p.max_frame_bytes
+                ),
+            ));
+        }
+        if p.max_line_bytes == 0 || p.max_line_bytes > MAX_LINE_CAP {
+            return Err(ConfigError::key(
+                "protocol.max_line_bytes",
+                format!(
+                    "must be between 1 and {MAX_LINE_CAP}, got {}",
+                    p.max_line_bytes
+                ),
+            ));
+        }
+        self.validate_limits()?;
+        self.validate_auth()?;
+        if self.proxy_protocol.max_v2_bytes > 65535 {
+            return Err(ConfigError::key(
+                "proxy_protocol.max_v2_bytes",
+                "must be at most 65535 (a v2 header's length is 16 bits)",
+            ));
+        }
+        if self.proxy_protocol.mode != ProxyMode::Off && self.proxy_protocol.trusted.is_empty() {
+            return Err(ConfigError::key(
+                "proxy_protocol.trusted",
+                "must list the load balancers' networks when mode is not \"off\"",
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_limits(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        let positive: [(&str, u64); 9] = [
+            ("limits.max_connections", l.max_connections as u64),
+            (
+                "limits.max_connections_per_ip",
+                l.max_connections_per_ip as u64,
+            ),
+            (
+                "limits.connection_rate_per_ip",
+                l.connection_rate_per_ip.into(),
+            ),
+            (
+                "limits.connection_burst_per_ip",
+                l.connection_burst_per_ip.into(),
+            ),
+            (
+                "limits.max_handshakes_in_flight",
+                l.max_handshakes_in_flight as u64,
+            ),
+            ("limits.commands_per_second", l.commands_per_second.into()),
+            ("limits.commands_burst", l.commands_burst.into()),
+            (
+                "limits.max_write_buffer_bytes",
+                l.max_write_buffer_bytes as u64,
+            ),
+            ("auth.max_failures", self.auth.max_failures.into()),
+        ];
+        if let Some((key, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(ConfigError::key(key, "must be greater than 0"));
+        }
+        let durations = [
+            ("limits.handshake_timeout", l.handshake_timeout),
+            ("limits.idle_timeout", l.idle_timeout),
+            ("limits.prune_interval", l.prune_interval),
+            ("auth.auth_timeout", self.auth.auth_timeout),
+            ("auth.failure_window", self.auth.failure_window),
+            (
+                "proxy_protocol.header_timeout",
+                self.proxy_protocol.header_timeout,
+            ),
+        ];
+        if let Some((key, _)) = durations.iter().find(|(_, d)| d.is_zero()) {
+            return Err(ConfigError::key(key, "must be greater than 0s"));
+        }
+        if l.ipv6_prefix == 0 || l.ipv6_prefix > 128 {
+            return Err(ConfigError::key(
+                "limits.ipv6_prefix",
+                "must be between 1 and 128",
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_auth(&self) -> Result<(), ConfigError> {
+        let a = &self.auth;
+        if a.mode == AuthMode::Mtls && self.tls.client_ca().is_none() {
+            return Err(ConfigError::key(
+                "auth.mode",
+                "\"mtls\" needs tls.client_ca",
+            ));
+        }
+        if a.require_client_cert && self.tls.client_ca().is_none() {
+            return Err(ConfigError::key(
+                "auth.require_client_cert",
+                "needs tls.client_ca",
+            ));
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, token) in a.tokens.iter().enumerate() {
+            let key = format!("auth.tokens[{i}]");
+            if token.name.is_empty() || token.name.bytes().any(|b| !b.is_ascii_graphic()) {
+                return Err(ConfigError::key(
+                    &format!("{key}.name"),
+                    "must be non-empty printable ASCII without spaces",
+                ));
+            }
+            if !names.insert(token.name.as_str()) {
+                return Err(ConfigError::key(
+                    &format!("{key}.name"),
+                    format!("duplicate name {:?}", token.name),
+                ));
+            }
+            if token.sha256.len() != 64 || hex::decode(&token.sha256).is_err() {
+                return Err(ConfigError::key(
+                    &format!("{key}.sha256"),
+                    "must be 64 hex characters (the token's SHA-256)",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn read_table(path: &Path) -> Result<toml::Table, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.into(),
+        source,
+    })?;
+    text.parse()
+        .map_err(|e: toml::de::Error| ConfigError::Syntax {
+            path: path.into(),
+            message: e.to_string(),
+        })
+}
+
+/// Deserializes with the path of the offending key in the error.
+fn from_table(table: toml::Table, origin: &Path) -> Result<Config, ConfigError> {
+    serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+        let key = e.path().to_string();
+        let message = e.into_inner().message().to_string();
+        if key == "." {
+            ConfigError::Syntax {
+                path: origin.into(),
+                message,
+            }
+        } else {
+            ConfigError::Key { key, message }
+        }
+    })
+}
+
+/// Applies `PORTCULLIS_<SECTION>_<KEY>` variables onto the file's table. The type of each
+/// value is taken from the default configuration, so `"20"` becomes an integer where the key
+/// is one; lists are comma-separated.
+fn apply_env(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    let template = match toml::Value::try_from(Config::default()) {
+        Ok(toml::Value::Table(t)) => t,
+        _ => unreachable!("the default configuration serializes to a table"),
+    };
+    // Longest section first, so PROXY_PROTOCOL_MODE is not read as a PROXY section.
+    let mut sections: Vec<&String> = template.keys().collect();
+    sections.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    let vars: BTreeMap<String, String> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+        .collect();
+    for (var, raw) in vars {
+        let rest = &var[ENV_PREFIX.len()..];
+        let env_err = |message: String| ConfigError::Env {
+            var: var.clone(),
+            message,
+        };
+        let (section, key) = sections
+            .iter()
+            .find_map(|s| {
+                let key = rest.strip_prefix(&s.to_uppercase())?.strip_prefix('_')?;
+                Some((s.as_str(), key.to_lowercase()))
+            })
+            .ok_or_else(|| env_err("names no configuration section".into()))?;
+        let kind = template
+            .get(section)
+            .and_then(|s| s.get(&key))
+            .ok_or_else(|| env_err(format!("no key {key:?} in [{section}]")))?;
+        let value = typed_value(kind, &raw).map_err(env_err)?;
+        let entry = table
+            .entry(section)
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        match entry {
+            toml::Value::Table(t) => {
+                t.insert(key, value);
+            }
+            _ => return Err(env_err(format!("[{section}] in the file is not a table"))),
+        }
+    }
+    Ok(())
+}
+
+fn typed_value(kind: &toml::Value, raw: &str) -> Result<toml::Value, String> {
+    match kind {
+        toml::Value::Integer(_) => raw
+            .trim()
+            .parse()
+            .map(toml::Value::Integer)
+            .map_err(|_| format!("{raw:?} is not an integer")),
+        toml::Value::Boolean(_) => raw
+            .trim()
+            .parse()
+            .map(toml::Value::Boolean)
+            .map_err(|_| format!("{raw:?} is not true or false")),
+        toml::Value::Array(_) => Ok(toml::Value::Array(
+            raw.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| toml::Value::String(s.into()))
+                .collect(),
+        )),
+        toml::Value::String(_) => Ok(toml::Value::String(raw.into())),
+        _ => Err("this key cannot be set from the environment".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_str(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("portcullis.toml");
+        std::fs::write(&path, text).unwrap();
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        Config::load(Some(&path), env, &FlagOverrides::default())
+    }
+
+    #[test]
+    fn defaults_match_the_spec() {
+        let c = Config::default();
+        assert_eq!(c.server.listen.to_string(), "[::]:8443");
+        assert_eq!(c.protocol.max_frame_bytes, 65536);
+        assert_eq!(c.limits.idle_timeout, Duration::from_secs(60));
+        assert_eq!(c.auth.ban_duration, Duration::from_secs(300));
+        assert_eq!(c.admin.listen.to_string(), "127.0.0.1:9464");
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_key_is_named_by_its_path() {
+        let err = load_str("[limits]\nmax_conections = 5\n", &[]).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("limits"), "{text}");
+        assert!(text.contains("max_conections"), "{text}");
+    }
+
+    #[test]
+    fn wrong_type_is_named_by_its_path() {
+        let err = load_str("[limits]\nidle_timeout = \"soon\"\n", &[]).unwrap_err();
+        assert!(err.to_string().starts_with("limits.idle_timeout"), "{err}");
+    }
+
+    #[test]
+    fn human_durations() {
+        let c = load_str(
+            "[limits]\nidle_timeout = \"1h30m\"\nhandshake_timeout = \"250ms\"\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.limits.idle_timeout, Duration::from_secs(5400));
+        assert_eq!(c.limits.handshake_timeout, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn frame_cap_above_16_mib_is_refused() {
+        let err = load_str("[protocol]\nmax_frame_bytes = 16777216\n", &[]).unwrap_err();
+        assert!(
+            err.to_string().starts_with("protocol.max_frame_bytes"),
+            "{err}"
+        );
+        load_str("[protocol]\nmax_frame_bytes = 16777215\n", &[]).unwrap();
+    }
+
+    #[test]
+    fn environment_overrides_file_and_flags_override_environment() {
+        let c = load_str(
+            "[limits]\nidle_timeout = \"5s\"\n[server]\nlisten = \"127.0.0.1:1\"\n",
+            &[
+                ("PORTCULLIS_LIMITS_IDLE_TIMEOUT", "7s"),
+                ("PORTCULLIS_LIMITS_MAX_CONNECTIONS", "12"),
+                ("PORTCULLIS_PROXY_PROTOCOL_MODE", "optional"),
+                (
+                    "PORTCULLIS_PROXY_PROTOCOL_TRUSTED",
+                    "10.0.0.0/8, 127.0.0.1/32",
+                ),
+                ("PORTCULLIS_SERVER_LISTEN", "127.0.0.1:2"),
+                ("UNRELATED", "x"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.limits.idle_timeout, Duration::from_secs(7));
+        assert_eq!(c.limits.max_connections, 12);
+        assert_eq!(c.proxy_protocol.mode, ProxyMode::Optional);
+        assert_eq!(c.proxy_protocol.trusted.len(), 2);
+        assert_eq!(c.server.listen.to_string(), "127.0.0.1:2");
+
+        let mut c2 = c.clone();
+        c2.apply_flags(&FlagOverrides {
+            listen: Some("127.0.0.1:3".parse().unwrap()),
+            ..Default::default()
+        });
+        assert_eq!(c2.server.listen.to_string(), "127.0.0.1:3");
+    }
+
+    #[test]
+    fn unknown_environment_key_is_an_error() {
+        let err = load_str("", &[("PORTCULLIS_LIMITS_NOPE", "1")]).unwrap_err();
+        assert!(err.to_string().contains("PORTCULLIS_LIMITS_NOPE"), "{err}");
+        let err = load_str("", &[("PORTCULLIS_LIMITS_MAX_CONNECTIONS", "many")]).unwrap_err();
+        assert!(err.to_string().contains("not an integer"), "{err}");
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("portcullis.toml");
+        std::fs::write(&path, "[tls]\ncert = \"c.pem\"\nkey = \"/abs/k.pem\"\n").unwrap();
+        let c = Config::load(Some(&path), [], &FlagOverrides::default()).unwrap();
+        assert_eq!(c.tls.cert, dir.path().join("c.pem"));
+        assert_eq!(c.tls.key, PathBuf::from("/abs/k.pem"));
+        assert!(c.tls.client_ca().is_none());
+    }
+
+    #[test]
+    fn token_and_mode_rules() {
+        let err = load_str("[[auth.tokens]]\nname = \"a\"\nsha256 = \"abc\"\n", &[]).unwrap_err();
+        assert!(
+            err.to_string().starts_with("auth.tokens[0].sha256"),
+            "{err}"
+        );
+        let err = load_str("[auth]\nmode = \"mtls\"\n", &[]).unwrap_err();
+        assert!(err.to_string().starts_with("auth.mode"), "{err}");
+    }
+
+    #[test]
+    fn effective_config_round_trips() {
+        let c = Config::default();
+        let again = Config::from_toml_str(&c.to_toml()).unwrap();
+        assert_eq!(again.to_toml(), c.to_toml());
+    }
+}

@@ -1,0 +1,32 @@
+//! portcullis: a hardened, internet-facing TLS gateway.
+//!
+//! # Connection lifecycle
+//!
+//! The modules follow one connection, in order:
+//!
+//! 1. [`server`] binds and accepts; the accept loop never dies, and shutdown drains
+//!    connections up to a deadline ([`shutdown`] turns signals into cancellation).
+//! 2. [`admission`] decides, before any TLS work and at the cost of an accept and a close,
+//!    whether the client may connect at all: the one place a connection is admitted.
+//! 3. [`tls`] holds the rustls configuration (hot-swappable); [`session`] runs the handshake
+//!    under a timeout and then the connection itself.
+//! 4. [`codec`] splits the byte stream into binary frames or text lines, refusing any
+//!    message over its cap before buffering it.
+//! 5. [`auth`] turns a client certificate or a token into a principal; [`command`] serves
+//!    the requests behind the NOAUTH gate.
+//! 6. [`metrics`] names every metric; [`error`] holds the closed sets that become labels.
+//!
+//! [`config`] is the typed configuration and [`bootstrap`] the development set-up.
+
+pub mod admission;
+pub mod auth;
+pub mod bootstrap;
+pub mod codec;
+pub mod command;
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod server;
+pub mod session;
+pub mod shutdown;
+pub mod tls;

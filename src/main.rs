@@ -1,0 +1,204 @@
+//! The `portcullis` command: flags, logging, configuration, then serve (or a helper command).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use portcullis::bootstrap;
+use portcullis::config::{Config, FlagOverrides, LogFormat, DEFAULT_CONFIG_FILE};
+use portcullis::server::Server;
+use portcullis::shutdown::Shutdown;
+
+#[derive(Parser)]
+#[command(name = "portcullis", version, about = "A hardened TLS gateway")]
+struct Cli {
+    /// Configuration file (default: ./portcullis.toml when it exists).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Overrides server.listen.
+    #[arg(long, global = true)]
+    listen: Option<SocketAddr>,
+    /// Overrides admin.listen.
+    #[arg(long, global = true)]
+    admin_listen: Option<SocketAddr>,
+    /// Overrides log.format.
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormat>,
+    /// Overrides log.level (a tracing filter such as "info" or "portcullis=debug").
+    #[arg(long, global = true)]
+    log_level: Option<String>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve (the default). With no configuration, bootstraps a development setup first.
+    Serve,
+    /// Certificate helpers.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+    /// Token helpers.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Validate the configuration, print the effective one, exit 0 (valid) or 1.
+    CheckConfig,
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Generate a CA, a server certificate and a client certificate.
+    Generate {
+        /// Output folder.
+        #[arg(long, default_value = "certs")]
+        out: PathBuf,
+        /// Server names (DNS names or IP addresses); default localhost, 127.0.0.1, ::1.
+        #[arg(long = "san")]
+        sans: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Print a fresh token and its [[auth.tokens]] entry.
+    New {
+        #[arg(long)]
+        name: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("portcullis: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let flags = FlagOverrides {
+        listen: cli.listen,
+        admin_listen: cli.admin_listen,
+        log_format: cli.log_format,
+        log_level: cli.log_level.clone(),
+    };
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => serve(cli.config, &flags),
+        Command::CheckConfig => check_config(cli.config, &flags),
+        Command::Certs {
+            command: CertsCommand::Generate { out, sans },
+        } => {
+            let sans = if sans.is_empty() {
+                bootstrap::default_sans()
+            } else {
+                sans
+            };
+            let paths = bootstrap::generate_certs(&out, &sans)?;
+            println!("CA:     {}", paths.ca_cert.display());
+            println!(
+                "server: {} {}",
+                paths.server_cert.display(),
+                paths.server_key.display()
+            );
+            println!(
+                "client: {} {}",
+                paths.client_cert.display(),
+                paths.client_key.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Token {
+            command: TokenCommand::New { name },
+        } => {
+            let (token, digest) = bootstrap::new_token();
+            println!(
+                "token: {token}\n\n# add to portcullis.toml:\n{}",
+                bootstrap::token_entry(&name, &digest)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// The configuration file to use: `--config`, else `./portcullis.toml` if present.
+fn config_path(explicit: Option<PathBuf>) -> Option<PathBuf> {
+    explicit.or_else(|| {
+        Path::new(DEFAULT_CONFIG_FILE)
+            .exists()
+            .then(|| PathBuf::from(DEFAULT_CONFIG_FILE))
+    })
+}
+
+fn check_config(path: Option<PathBuf>, flags: &FlagOverrides) -> anyhow::Result<ExitCode> {
+    let path = config_path(path);
+    let result = Config::load(path.as_deref(), std::env::vars(), flags)
+        .map_err(anyhow::Error::from)
+        .and_then(|config| {
+            portcullis::server::Gateway::new(config.clone(), Shutdown::new())?;
+            Ok(config)
+        });
+    match result {
+        Ok(config) => {
+            print!("{}", config.to_toml());
+            eprintln!("configuration OK");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("configuration invalid: {e:#}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+fn serve(explicit: Option<PathBuf>, flags: &FlagOverrides) -> anyhow::Result<ExitCode> {
+    let dev = if explicit.is_none() {
+        Some(bootstrap::dev_setup(Path::new("."))?)
+    } else {
+        None
+    };
+    let path = config_path(explicit);
+    let config = Config::load(path.as_deref(), std::env::vars(), flags)?;
+    init_logging(&config);
+    if let Some(dev) = &dev {
+        print!("{}", bootstrap::dev_instructions(dev));
+    }
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if config.server.workers > 0 {
+        runtime.worker_threads(config.server.workers);
+    }
+    let runtime = runtime.enable_all().build()?;
+    runtime.block_on(async move {
+        if config.auth.mode == portcullis::config::AuthMode::None {
+            tracing::warn!("auth.mode = \"none\": every command is served unauthenticated");
+        }
+        let shutdown = Shutdown::new();
+        shutdown.listen_for_signals()?;
+        let server = Server::bind(config, shutdown)?;
+        tracing::info!(listen = %server.local_addr()?, "portcullis serving");
+        server.run().await;
+        anyhow::Ok(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn init_logging(config: &Config) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&config.log.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}

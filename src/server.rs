@@ -1,0 +1,167 @@
+//! Bind, accept, drain. The accept loop never dies: a failed `accept` (EMFILE and friends)
+//! is logged and retried after a back-off. Each connection runs in its own task, tracked so
+//! that shutdown can wait for them up to `drain_timeout`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::net::{TcpListener, TcpSocket};
+use tokio_util::task::TaskTracker;
+
+use crate::admission::Admission;
+use crate::auth::TokenStore;
+use crate::config::Config;
+use crate::shutdown::Shutdown;
+use crate::tls::{TlsMaterial, TlsSettings, TlsState};
+
+/// The listen backlog: large enough to absorb bursts without SYN drops.
+const BACKLOG: u32 = 1024;
+/// Back-off bounds after a failed `accept`.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// After `drain_timeout`, how long forced connections get to finish closing.
+const FORCE_GRACE: Duration = Duration::from_secs(1);
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error(transparent)]
+    Tokens(#[from] crate::auth::BadDigest),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Everything a connection needs, shared by all of them.
+pub struct Gateway {
+    pub config: Config,
+    pub tls: TlsState,
+    /// Swapped whole on reload; a connection reads it per `AUTH`.
+    pub tokens: ArcSwap<TokenStore>,
+    pub admission: Admission,
+    pub shutdown: Shutdown,
+}
+
+impl Gateway {
+    /// Loads TLS material and tokens; fails on anything the configuration got wrong.
+    pub fn new(config: Config, shutdown: Shutdown) -> Result<Self, StartError> {
+        let settings = TlsSettings::from_config(&config);
+        let material = TlsMaterial::load(&settings)?;
+        let tokens = TokenStore::from_entries(&config.auth.tokens)?;
+        Ok(Gateway {
+            tls: TlsState::new(settings, &material),
+            tokens: ArcSwap::from_pointee(tokens),
+            admission: Admission::new(&config),
+            config,
+            shutdown,
+        })
+    }
+}
+
+/// A bound, not yet serving, gateway.
+pub struct Server {
+    listener: TcpListener,
+    gateway: Arc<Gateway>,
+}
+
+impl Server {
+    /// Builds the gateway and binds its listener.
+    pub fn bind(config: Config, shutdown: Shutdown) -> Result<Server, StartError> {
+        let addr = config.server.listen;
+        let gateway = Arc::new(Gateway::new(config, shutdown)?);
+        let listener = listen(addr).map_err(|source| StartError::Bind { addr, source })?;
+        Ok(Server { listener, gateway })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    pub fn gateway(&self) -> &Arc<Gateway> {
+        &self.gateway
+    }
+
+    /// Accepts until the drain begins (plus `shutdown_delay`), then waits for connections to
+    /// finish, up to `drain_timeout` (or a second signal), and returns.
+    pub async fn run(self) {
+        let Server { listener, gateway } = self;
+        let tracker = TaskTracker::new();
+        let shutdown = gateway.shutdown.clone();
+        let delay = gateway.config.server.shutdown_delay;
+        let stop_accepting = async {
+            shutdown.drain.cancelled().await;
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = shutdown.force.cancelled() => {}
+            }
+        };
+        tokio::select! {
+            _ = accept_loop(&listener, &gateway, &tracker) => {}
+            _ = stop_accepting => {}
+        }
+        drop(listener);
+        tracker.close();
+        tracing::info!(connections = tracker.len(), "listener closed; draining");
+        let drain_timeout = gateway.config.server.drain_timeout;
+        tokio::select! {
+            _ = tracker.wait() => {}
+            _ = tokio::time::sleep(drain_timeout) => {
+                tracing::warn!(connections = tracker.len(), "drain_timeout reached: closing the rest");
+            }
+            _ = shutdown.force.cancelled() => {}
+        }
+        shutdown.force.cancel();
+        let _ = tokio::time::timeout(FORCE_GRACE, tracker.wait()).await;
+        tracing::info!("drained");
+    }
+}
+
+/// A listener with `SO_REUSEADDR` (restart while old connections sit in TIME_WAIT) and a
+/// deep backlog. An IPv6 wildcard is dual-stack where the OS allows it.
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
+
+async fn accept_loop(listener: &TcpListener, gateway: &Arc<Gateway>, tracker: &TaskTracker) {
+    let mut backoff = ACCEPT_BACKOFF_MIN;
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                backoff = ACCEPT_BACKOFF_MIN;
+                let _ = stream.set_nodelay(true);
+                tracker.spawn(crate::session::run(stream, peer, gateway.clone()));
+            }
+            Err(e) if is_per_connection(&e) => {
+                tracing::debug!(error = %e, "accept: connection gone before it was accepted");
+            }
+            Err(e) => {
+                // EMFILE, ENFILE, ENOBUFS, ENOMEM: waiting is the only cure; retrying at
+                // once would spin on the same error.
+                tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed; backing off");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+            }
+        }
+    }
+}
+
+/// Errors about one connection that vanished during accept; the listener is fine.
+fn is_per_connection(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionAborted | ConnectionReset | Interrupted | WouldBlock
+    )
+}

@@ -1,0 +1,364 @@
+//! One connection, end to end: admission → TLS handshake → framing → auth → commands →
+//! graceful close (SPEC section 1). Every way out returns a [`CloseReason`].
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+use tokio::time::{sleep_until, timeout, timeout_at, Instant};
+use tokio_rustls::server::TlsStream;
+
+use crate::admission::normalize_ip;
+use crate::auth::{certificate_identity, AuthMethod, Principal};
+use crate::codec::{Message, MessageCodec, TooLarge};
+use crate::command::{self, After, Context, Request};
+use crate::config::AuthMode;
+use crate::error::{CloseReason, ErrorCode};
+use crate::metrics::{self, HandshakeResult};
+use crate::server::Gateway;
+
+/// How long a graceful close (pending replies, close_notify) may take before the socket is
+/// simply dropped.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// After `ERR TOO_LARGE`: how long, and how many bytes, are read and discarded so that the
+/// client reads the reply rather than a reset (SPEC section 2.1).
+const DISCARD_TIMEOUT: Duration = Duration::from_secs(1);
+const DISCARD_BYTES: usize = 256 * 1024;
+/// The most read from the socket in one call; the codec's caps bound the buffer itself.
+const READ_CHUNK: usize = 8 * 1024;
+/// An idle connection's read buffer above this size is released, so that a connection
+/// that once carried a large frame does not keep its memory while idle.
+const KEEP_BUFFER_BYTES: usize = 16 * 1024;
+
+type Reader = ReadHalf<TlsStream<TcpStream>>;
+type Writer = WriteHalf<TlsStream<TcpStream>>;
+
+/// Serves one accepted TCP connection until it closes.
+pub async fn run(stream: TcpStream, peer: SocketAddr, gateway: Arc<Gateway>) {
+    metrics::connection_accepted();
+    let ip = normalize_ip(peer.ip());
+    let _guard = match gateway.admission.admit(ip) {
+        Ok(guard) => guard,
+        Err(reason) => {
+            metrics::connection_rejected(reason);
+            tracing::debug!(%ip, reason = reason.as_str(), "connection refused");
+            return;
+        }
+    };
+    let reason = serve(stream, ip, &gateway).await;
+    metrics::connection_closed(reason);
+    tracing::debug!(%ip, reason = reason.as_str(), "connection closed");
+}
+
+async fn serve(stream: TcpStream, ip: IpAddr, gateway: &Gateway) -> CloseReason {
+    let (tls, principal) = match handshake(stream, gateway).await {
+        Ok(done) => done,
+        Err(reason) => return reason,
+    };
+    let (_, conn) = tls.get_ref();
+    let tls_version = match conn.protocol_version() {
+        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1_3",
+        Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1_2",
+        _ => "none",
+    };
+    let cipher = conn
+        .negotiated_cipher_suite()
+        .and_then(|s| s.suite().as_str())
+        .unwrap_or("unknown");
+    let protocol = &gateway.config.protocol;
+    let mut session = Session {
+        gateway,
+        ip,
+        principal,
+        tls_version,
+        cipher,
+        codec: MessageCodec::new(
+            protocol.framing,
+            protocol.max_frame_bytes,
+            protocol.max_line_bytes,
+        ),
+        rbuf: BytesMut::new(),
+        wbuf: BytesMut::new(),
+        needs_flush: false,
+    };
+    let (mut rd, mut wr) = tokio::io::split(tls);
+    session.run(&mut rd, &mut wr).await
+}
+
+/// Waits for the first byte (a peer that closes before sending one — a balancer's TCP health
+/// check — is closed quietly), then runs the TLS handshake, all within `handshake_timeout`.
+/// A verified client certificate yields a principal, unless `auth.mode` is `token`.
+async fn handshake(
+    stream: TcpStream,
+    gateway: &Gateway,
+) -> Result<(TlsStream<TcpStream>, Option<Principal>), CloseReason> {
+    let started = Instant::now();
+    let deadline = started + gateway.config.limits.handshake_timeout;
+    let timed_out = || {
+        metrics::handshake(HandshakeResult::Timeout, "none", started.elapsed());
+        CloseReason::HandshakeTimeout
+    };
+    let mut first_byte = [0u8; 1];
+    let first = tokio::select! {
+        r = timeout_at(deadline, stream.peek(&mut first_byte)) => r,
+        _ = gateway.shutdown.force.cancelled() => return Err(CloseReason::Shutdown),
+    };
+    match first {
+        Ok(Ok(0)) => return Err(CloseReason::ClientClose),
+        Ok(Ok(_)) => {}
+        Ok(Err(_)) => return Err(CloseReason::IoError),
+        Err(_) => return Err(timed_out()),
+    }
+    let accepted = tokio::select! {
+        r = timeout_at(deadline, gateway.tls.acceptor().accept(stream)) => r,
+        _ = gateway.shutdown.force.cancelled() => return Err(CloseReason::Shutdown),
+    };
+    let tls = match accepted {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            metrics::handshake(HandshakeResult::Failed, "none", started.elapsed());
+            tracing::debug!(error = %e, "TLS handshake failed");
+            return Err(CloseReason::HandshakeFailed);
+        }
+        Err(_) => return Err(timed_out()),
+    };
+    let (_, conn) = tls.get_ref();
+    let version = match conn.protocol_version() {
+        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1_3",
+        _ => "TLSv1_2",
+    };
+    metrics::handshake(HandshakeResult::Ok, version, started.elapsed());
+    let principal = match gateway.config.auth.mode {
+        AuthMode::Token => None,
+        _ => conn
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .and_then(certificate_identity)
+            .map(|identity| {
+                metrics::auth(AuthMethod::Mtls, true);
+                Principal {
+                    identity,
+                    method: AuthMethod::Mtls,
+                }
+            }),
+    };
+    Ok((tls, principal))
+}
+
+/// The state of one established connection.
+struct Session<'g> {
+    gateway: &'g Gateway,
+    /// The normalised client address: what WHOAMI shows and limits key on.
+    ip: IpAddr,
+    principal: Option<Principal>,
+    tls_version: &'static str,
+    cipher: &'static str,
+    codec: MessageCodec,
+    /// Bytes read but not yet decoded. Kept here (not in a read future) so that a read
+    /// cancelled by `select!` loses nothing.
+    rbuf: BytesMut,
+    /// Replies not yet handed to TLS. Capped by `max_write_buffer_bytes`.
+    wbuf: BytesMut,
+    /// TLS holds bytes that a flush must push to the socket.
+    needs_flush: bool,
+}
+
+/// What processing the buffered messages asks for.
+enum Step {
+    Continue { served: bool },
+    Close(CloseReason),
+    TooLarge(TooLarge),
+}
+
+impl Session<'_> {
+    async fn run(&mut self, rd: &mut Reader, wr: &mut Writer) -> CloseReason {
+        let limits = &self.gateway.config.limits;
+        let shutdown = &self.gateway.shutdown;
+        let auth_deadline = Instant::now() + self.gateway.config.auth.auth_timeout;
+        let mut idle_deadline = Instant::now() + limits.idle_timeout;
+        let mut draining = false;
+        loop {
+            match self.process_buffered() {
+                Step::Continue { served } => {
+                    if served {
+                        idle_deadline = Instant::now() + limits.idle_timeout;
+                    }
+                }
+                Step::Close(reason) => return self.close(wr, reason).await,
+                Step::TooLarge(too_large) => return self.refuse_too_large(rd, wr, too_large).await,
+            }
+            if self.wbuf.len() > limits.max_write_buffer_bytes {
+                tracing::debug!(ip = %self.ip, "client does not read its replies: cut off");
+                return CloseReason::WriteOverflow;
+            }
+            if draining && self.rbuf.is_empty() {
+                return self.close(wr, CloseReason::Shutdown).await;
+            }
+            let (deadline, expired) = if !self.authenticated() && auth_deadline < idle_deadline {
+                (auth_deadline, CloseReason::AuthTimeout)
+            } else {
+                (idle_deadline, CloseReason::IdleTimeout)
+            };
+            self.prepare_read_buffer();
+            let writing = !self.wbuf.is_empty() || self.needs_flush;
+            tokio::select! {
+                biased;
+                _ = shutdown.force.cancelled() => return self.close(wr, CloseReason::Shutdown).await,
+                read = rd.read_buf(&mut self.rbuf) => match read {
+                    Ok(0) => return self.close(wr, CloseReason::ClientClose).await,
+                    Ok(_) => {}
+                    Err(e) => return io_reason(&e),
+                },
+                written = write_some(wr, &mut self.wbuf, &mut self.needs_flush), if writing => {
+                    if let Err(e) = written {
+                        return io_reason(&e);
+                    }
+                }
+                _ = sleep_until(deadline) => return self.close(wr, expired).await,
+                _ = shutdown.drain.cancelled(), if !draining => draining = true,
+            }
+        }
+    }
+
+    fn authenticated(&self) -> bool {
+        self.gateway.config.auth.mode == AuthMode::None || self.principal.is_some()
+    }
+
+    /// Decodes and serves every complete message in the read buffer, queueing the replies.
+    fn process_buffered(&mut self) -> Step {
+        let mut served = false;
+        loop {
+            let message = match self.codec.decode_message(&mut self.rbuf) {
+                Ok(Some(message)) => message,
+                Ok(None) => return Step::Continue { served },
+                Err(too_large) => return Step::TooLarge(too_large),
+            };
+            served = true;
+            let Message::Request(bytes) = message else {
+                continue; // a heartbeat: it only resets the idle timer
+            };
+            metrics::traffic("in", 1, bytes.len() as u64);
+            if self.serve(Request::parse(bytes)) == After::Close {
+                return Step::Close(CloseReason::Quit);
+            }
+        }
+    }
+
+    /// Applies one request and queues its reply.
+    fn serve(&mut self, request: Request) -> After {
+        let started = std::time::Instant::now();
+        let verb = request.verb;
+        let tokens = self.gateway.tokens.load();
+        let mut ctx = Context {
+            principal: &mut self.principal,
+            mode: self.gateway.config.auth.mode,
+            tokens: &tokens,
+            client_ip: self.ip,
+            tls_version: self.tls_version,
+            cipher: self.cipher,
+            framing: self.codec.framing().unwrap_or(crate::codec::Framing::Text),
+        };
+        let (reply, after) = command::apply(request, &mut ctx);
+        self.queue_reply(&reply.parts());
+        metrics::command(verb.as_str(), reply.is_ok(), started.elapsed());
+        after
+    }
+
+    fn queue_reply(&mut self, parts: &[&[u8]]) {
+        self.codec.encode_reply(parts, &mut self.wbuf);
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        metrics::traffic("out", 1, len as u64);
+    }
+
+    /// Makes room for one read; releases a large buffer that is no longer needed.
+    fn prepare_read_buffer(&mut self) {
+        if self.rbuf.is_empty() && self.rbuf.capacity() > KEEP_BUFFER_BYTES {
+            self.rbuf = BytesMut::new();
+        }
+        if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 2 {
+            self.rbuf.reserve(READ_CHUNK);
+        }
+    }
+
+    /// Sends what is queued, then close_notify, then closes; bounded by [`CLOSE_TIMEOUT`].
+    async fn close(&mut self, wr: &mut Writer, reason: CloseReason) -> CloseReason {
+        let wbuf = &self.wbuf;
+        let _ = timeout(CLOSE_TIMEOUT, async {
+            wr.write_all(wbuf).await?;
+            wr.shutdown().await
+        })
+        .await;
+        reason
+    }
+
+    /// `ERR TOO_LARGE <cap>`, close_notify, then discard (never buffer) what the client is
+    /// still sending, for at most [`DISCARD_TIMEOUT`] or [`DISCARD_BYTES`].
+    async fn refuse_too_large(
+        &mut self,
+        rd: &mut Reader,
+        wr: &mut Writer,
+        too_large: TooLarge,
+    ) -> CloseReason {
+        tracing::debug!(ip = %self.ip, cap = too_large.cap, framing = ?too_large.framing, "message over its cap");
+        self.rbuf = BytesMut::new();
+        let cap = too_large.cap.to_string();
+        self.queue_reply(&[
+            b"ERR ",
+            ErrorCode::TooLarge.as_str().as_bytes(),
+            b" ",
+            cap.as_bytes(),
+        ]);
+        self.close(wr, CloseReason::TooLarge).await;
+        let _ = timeout(DISCARD_TIMEOUT, discard(rd, DISCARD_BYTES)).await;
+        CloseReason::TooLarge
+    }
+}
+
+/// Reads and drops up to `limit` bytes, through a fixed scratch buffer.
+async fn discard<R: AsyncRead + Unpin>(rd: &mut R, limit: usize) {
+    let mut scratch = [0u8; 4096];
+    let mut total = 0;
+    while total < limit {
+        match rd.read(&mut scratch).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => total += n,
+        }
+    }
+}
+
+/// Hands some of `buf` to TLS, and flushes once it is empty. Cancel-safe: bytes leave `buf`
+/// only once TLS has taken them.
+async fn write_some<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    buf: &mut BytesMut,
+    needs_flush: &mut bool,
+) -> io::Result<()> {
+    if !buf.is_empty() {
+        let n = wr.write(buf).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        buf.advance(n);
+        *needs_flush = true;
+    }
+    if buf.is_empty() {
+        wr.flush().await?;
+        *needs_flush = false;
+    }
+    Ok(())
+}
+
+/// Maps a read or write error to its close reason: TLS errors surface as `InvalidData`.
+fn io_reason(e: &io::Error) -> CloseReason {
+    match e.kind() {
+        io::ErrorKind::InvalidData => CloseReason::ProtocolError,
+        io::ErrorKind::UnexpectedEof
+        | io::ErrorKind::ConnectionReset
+        | io::ErrorKind::BrokenPipe => CloseReason::ClientClose,
+        _ => CloseReason::IoError,
+    }
+}
