@@ -118,9 +118,7 @@ impl Reply {
     pub fn parts(&self) -> [&[u8]; 4] {
         match self {
             Reply::Ok(body) => [b"OK ", body, b"", b""],
-            Reply::Err(code, why) if why.is_empty() => {
-                [b"ERR ", code.as_str().as_bytes(), b"", b""]
-            }
+            Reply::Err(code, "") => [b"ERR ", code.as_str().as_bytes(), b"", b""],
             Reply::Err(code, why) => [b"ERR ", code.as_str().as_bytes(), b" ", why.as_bytes()],
         }
     }

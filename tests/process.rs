@@ -1,0 +1,233 @@
+//! The built binary, spawned: dev bootstrap, graceful shutdown on SIGTERM, and the real
+//! `openssl s_client` (installed by .ci/run).
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+
+fn write_config(certs: &TestCerts, extra: &str) -> std::path::PathBuf {
+    write_config_named(certs, "portcullis.toml", extra)
+}
+
+fn write_config_named(certs: &TestCerts, name: &str, extra: &str) -> std::path::PathBuf {
+    let p = &certs.paths;
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\ndrain_timeout = \"5s\"\n\
+         [tls]\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\n\
+         [[auth.tokens]]\nname = \"alice\"\nsha256 = \"{}\"\n{extra}",
+        p.server_cert,
+        p.server_key,
+        p.ca_cert,
+        portcullis::auth::token_digest_hex(ALICE_TOKEN),
+    );
+    let path = certs.dir.path().join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_in_flight_requests_closes_idle_ones_and_exits_0() {
+    let certs = TestCerts::new();
+    let config = write_config(&certs, "");
+    let config = config.to_str().unwrap();
+    let mut gateway = Process::spawn(
+        certs.dir.path(),
+        &["--config", config, "--admin-listen", "127.0.0.1:0"],
+    );
+
+    let mut idle = Client::authed(gateway.addr, &certs).await;
+    let mut busy = Client::authed(gateway.addr, &certs).await;
+    busy.send(b"ECHO in-fl").await; // half a request: in flight
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    gateway.signal(libc::SIGTERM);
+    // The idle connection is closed with close_notify...
+    idle.expect_closed().await;
+    // ...the in-flight request completes and gets its reply, then the close.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    busy.send(b"ight\n").await;
+    assert_eq!(busy.read_line().await, "OK in-flight");
+    busy.expect_closed().await;
+    // New connections are no longer accepted.
+    assert!(
+        tcp_connect(gateway.addr, None).await.is_err() || {
+            let r = Client::connect_with(gateway.addr, &certs, ClientOptions::default()).await;
+            r.is_err()
+        }
+    );
+    let status = tokio::task::spawn_blocking(move || gateway.wait_exit(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert!(status.success(), "exit status {status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_skips_the_drain_wait() {
+    let certs = TestCerts::new();
+    let config = write_config(&certs, "");
+    let config = config.to_str().unwrap();
+    let mut gateway = Process::spawn(
+        certs.dir.path(),
+        &["--config", config, "--admin-listen", "127.0.0.1:0"],
+    );
+    let mut busy = Client::authed(gateway.addr, &certs).await;
+    busy.send(b"ECHO never-finished").await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    gateway.signal(libc::SIGTERM);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    gateway.signal(libc::SIGINT);
+    // drain_timeout is 5 s; the second signal ends it at once.
+    let status = tokio::task::spawn_blocking(move || gateway.wait_exit(Duration::from_secs(3)))
+        .await
+        .unwrap();
+    assert!(status.success(), "exit status {status:?}");
+    busy.expect_closed().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_bootstrap_in_an_empty_directory_prints_a_working_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"];
+    let mut first = Process::spawn(dir.path(), &args);
+    let out = first.stdout_with("connect:");
+    let token = out
+        .lines()
+        .find_map(|l| l.strip_prefix("dev token:"))
+        .map(|t| t.trim().to_string())
+        .unwrap_or_else(|| panic!("no token printed: {out}"));
+    assert!(
+        out.contains("openssl s_client -connect 127.0.0.1:8443 -CAfile certs/ca.pem -quiet"),
+        "{out}"
+    );
+    for file in [
+        "ca.pem",
+        "server.pem",
+        "server.key",
+        "client.pem",
+        "client.key",
+        "dev-token",
+    ] {
+        assert!(
+            dir.path().join("certs").join(file).exists(),
+            "{file} missing"
+        );
+    }
+    let ca = dir.path().join("certs/ca.pem");
+    let mut c = Client::connect_ca(first.addr, &ca, ClientOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(c.request_line("PING").await, "OK PONG");
+    assert_eq!(c.request_line(&format!("AUTH {token}")).await, "OK dev");
+    first.signal(libc::SIGTERM);
+    let status = tokio::task::spawn_blocking(move || first.wait_exit(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert!(status.success());
+
+    // A second run reuses everything and prints the same token.
+    let second = Process::spawn(dir.path(), &args);
+    let out = second.stdout_with("connect:");
+    assert!(out.contains(&token), "{out}");
+    assert!(!out.contains("created"), "{out}");
+    let mut c = Client::connect_ca(second.addr, &ca, ClientOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(c.request_line(&format!("AUTH {token}")).await, "OK dev");
+}
+
+#[tokio::test]
+async fn check_config_accepts_valid_and_names_the_bad_key() {
+    let certs = TestCerts::new();
+    let good = write_config(&certs, "");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["check-config", "--config", good.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("max_frame_bytes = 65536"));
+
+    let bad = write_config_named(
+        &certs,
+        "bad.toml",
+        "[protocol]\nmax_frame_bytes = 16777216\n",
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["check-config", "--config", bad.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("protocol.max_frame_bytes"));
+
+    std::fs::write(&certs.paths.server_key, "not a key").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["check-config", "--config", good.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("tls.key"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openssl_s_client_speaks_text_mode() {
+    let certs = TestCerts::new();
+    let server = TestServer::start(test_config(&certs)).await;
+    let input = format!("PING\nAUTH {ALICE_TOKEN}\nECHO hello from openssl\nWHOAMI\nQUIT\n");
+    let ca = certs.paths.ca_cert.clone();
+    let connect = server.addr.to_string();
+    let output = tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        use std::process::{Command, Stdio};
+        let mut child = Command::new("openssl")
+            .args([
+                "s_client",
+                "-connect",
+                &connect,
+                "-CAfile",
+                ca.to_str().unwrap(),
+                "-quiet",
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("openssl is installed (.ci/run installs it)");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    });
+    let output = tokio::time::timeout(Duration::from_secs(20), output)
+        .await
+        .unwrap()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("verify return:1"),
+        "certificate not verified: {stderr}"
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 5, "{stdout}");
+    assert_eq!(
+        &lines[..3],
+        ["OK PONG", "OK alice", "OK hello from openssl"]
+    );
+    assert!(
+        lines[3].starts_with("OK identity=alice ip=127.0.0.1 tls=TLSv1_3"),
+        "{stdout}"
+    );
+    assert_eq!(lines[4], "OK BYE");
+}

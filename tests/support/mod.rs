@@ -1,0 +1,389 @@
+//! Shared test plumbing: certificates made with rcgen, an in-process gateway on port 0, and
+//! a tokio-rustls client that speaks both framings.
+#![allow(dead_code)] // each test binary uses a different part of this module
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use portcullis::bootstrap::{generate_certs, CertPaths};
+use portcullis::config::{Config, TokenEntry};
+use portcullis::server::{Gateway, Server};
+use portcullis::shutdown::Shutdown;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+pub const ALICE_TOKEN: &str = "alice-secret-token";
+/// How long a test waits for any one reply before failing (never a hang).
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A CA, server and client certificates in a temporary folder, plus a client certificate
+/// from a CA the gateway does not trust.
+pub struct TestCerts {
+    pub dir: tempfile::TempDir,
+    pub paths: CertPaths,
+    pub untrusted: CertPaths,
+}
+
+impl TestCerts {
+    pub fn new() -> TestCerts {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sans = portcullis::bootstrap::default_sans();
+        let paths = generate_certs(&dir.path().join("trusted"), &sans).expect("certs");
+        let untrusted = generate_certs(&dir.path().join("untrusted"), &sans).expect("certs");
+        TestCerts {
+            dir,
+            paths,
+            untrusted,
+        }
+    }
+}
+
+/// A configuration for tests: loopback, port 0, the test certificates, one token (alice)
+/// and mTLS available.
+pub fn test_config(certs: &TestCerts) -> Config {
+    let mut c = Config::default();
+    c.server.listen = "127.0.0.1:0".parse().unwrap();
+    c.admin.listen = "127.0.0.1:0".parse().unwrap();
+    c.server.drain_timeout = Duration::from_secs(5);
+    c.tls.cert = certs.paths.server_cert.clone();
+    c.tls.key = certs.paths.server_key.clone();
+    c.tls.client_ca = certs.paths.ca_cert.clone();
+    c.auth.tokens = vec![TokenEntry {
+        name: "alice".into(),
+        sha256: portcullis::auth::token_digest_hex(ALICE_TOKEN),
+    }];
+    c
+}
+
+/// A gateway serving in the test's runtime.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub shutdown: Shutdown,
+    pub gateway: Arc<Gateway>,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+impl TestServer {
+    pub async fn start(config: Config) -> TestServer {
+        config.validate().expect("valid test config");
+        let shutdown = Shutdown::new();
+        let server = Server::bind(config, shutdown.clone()).expect("bind");
+        let addr = server.local_addr().unwrap();
+        let gateway = server.gateway().clone();
+        let task = tokio::spawn(server.run());
+        TestServer {
+            addr,
+            shutdown,
+            gateway,
+            task,
+        }
+    }
+}
+
+/// Options of a test client.
+#[derive(Default, Clone)]
+pub struct ClientOptions {
+    /// A client certificate and key to present.
+    pub identity: Option<(PathBuf, PathBuf)>,
+    /// Bind to this source address (127.0.0.2, ...) before connecting.
+    pub source: Option<IpAddr>,
+    /// Only TLS 1.2.
+    pub tls12_only: bool,
+}
+
+pub fn client_config(ca: &Path, options: &ClientOptions) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let versions: &[&rustls::SupportedProtocolVersion] = if options.tls12_only {
+        &[&rustls::version::TLS12]
+    } else {
+        &[&rustls::version::TLS13, &rustls::version::TLS12]
+    };
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(versions)
+        .unwrap()
+        .with_root_certificates(roots);
+    let config = match &options.identity {
+        Some((cert, key)) => {
+            let chain = CertificateDer::pem_file_iter(cert)
+                .unwrap()
+                .map(|c| c.unwrap())
+                .collect();
+            let key = PrivateKeyDer::from_pem_file(key).unwrap();
+            builder.with_client_auth_cert(chain, key).unwrap()
+        }
+        None => builder.with_no_client_auth(),
+    };
+    Arc::new(config)
+}
+
+/// Opens a TCP connection, from `source` when given.
+pub async fn tcp_connect(addr: SocketAddr, source: Option<IpAddr>) -> std::io::Result<TcpStream> {
+    let socket = TcpSocket::new_v4()?;
+    if let Some(ip) = source {
+        socket.bind(SocketAddr::new(ip, 0))?;
+    }
+    socket.connect(addr).await
+}
+
+/// A TLS client speaking the gateway's protocol.
+pub struct Client {
+    pub stream: TlsStream<TcpStream>,
+    buf: BytesMut,
+}
+
+impl Client {
+    pub async fn connect(addr: SocketAddr, certs: &TestCerts) -> Client {
+        Client::connect_with(addr, certs, ClientOptions::default())
+            .await
+            .expect("connect")
+    }
+
+    pub async fn connect_with(
+        addr: SocketAddr,
+        certs: &TestCerts,
+        options: ClientOptions,
+    ) -> std::io::Result<Client> {
+        Client::connect_ca(addr, &certs.paths.ca_cert, options).await
+    }
+
+    /// Connects trusting the CA in `ca`.
+    pub async fn connect_ca(
+        addr: SocketAddr,
+        ca: &Path,
+        options: ClientOptions,
+    ) -> std::io::Result<Client> {
+        let tcp = tcp_connect(addr, options.source).await?;
+        let connector = TlsConnector::from(client_config(ca, &options));
+        let name = ServerName::try_from("localhost").unwrap();
+        let stream = tokio::time::timeout(REPLY_TIMEOUT, connector.connect(name, tcp))
+            .await
+            .map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "handshake timed out")
+            })??;
+        Ok(Client {
+            stream,
+            buf: BytesMut::new(),
+        })
+    }
+
+    /// Connects and authenticates as alice with a token.
+    pub async fn authed(addr: SocketAddr, certs: &TestCerts) -> Client {
+        let mut c = Client::connect(addr, certs).await;
+        assert_eq!(
+            c.request_line(&format!("AUTH {ALICE_TOKEN}")).await,
+            "OK alice"
+        );
+        c
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.expect("write");
+        self.stream.flush().await.expect("flush");
+    }
+
+    pub async fn send_line(&mut self, line: &str) {
+        self.send(format!("{line}\n").as_bytes()).await;
+    }
+
+    pub async fn send_frame(&mut self, payload: &[u8]) {
+        self.send(&frame(payload)).await;
+    }
+
+    /// Reads more bytes into the buffer; `Ok(0)` at EOF.
+    async fn fill(&mut self) -> std::io::Result<usize> {
+        self.buf.reserve(8192);
+        tokio::time::timeout(REPLY_TIMEOUT, self.stream.read_buf(&mut self.buf))
+            .await
+            .expect("the gateway did not answer in time")
+    }
+
+    /// Reads one `\n`-terminated reply, without the `\n`.
+    pub async fn read_line(&mut self) -> String {
+        loop {
+            if let Some(pos) = self.buf.iter().position(|&b| b == b'\n') {
+                let line = self.buf.split_to(pos + 1);
+                return String::from_utf8_lossy(&line[..pos]).into_owned();
+            }
+            let n = self.fill().await.expect("read");
+            assert!(
+                n > 0,
+                "connection closed while waiting for a line; got {:?}",
+                self.buf
+            );
+        }
+    }
+
+    /// Reads one binary reply frame's payload.
+    pub async fn read_frame(&mut self) -> Vec<u8> {
+        loop {
+            if self.buf.len() >= 4 {
+                let len = u32::from_be_bytes(self.buf[..4].try_into().unwrap()) as usize;
+                if self.buf.len() >= 4 + len {
+                    self.buf.advance(4);
+                    return self.buf.split_to(len).to_vec();
+                }
+            }
+            let n = self.fill().await.expect("read");
+            assert!(n > 0, "connection closed while waiting for a frame");
+        }
+    }
+
+    pub async fn request_line(&mut self, line: &str) -> String {
+        self.send_line(line).await;
+        self.read_line().await
+    }
+
+    pub async fn request_frame(&mut self, payload: &[u8]) -> Vec<u8> {
+        self.send_frame(payload).await;
+        self.read_frame().await
+    }
+
+    /// Asserts that the gateway closes the connection (close_notify, EOF or reset) without
+    /// sending anything more.
+    pub async fn expect_closed(&mut self) {
+        match self.fill().await {
+            Ok(0) | Err(_) => {}
+            Ok(_) => panic!(
+                "expected the connection to close, got more bytes: {:?}",
+                self.buf
+            ),
+        }
+    }
+
+    /// True when the connection is closed (as opposed to more data).
+    pub async fn is_closed(&mut self) -> bool {
+        matches!(self.fill().await, Ok(0) | Err(_))
+    }
+}
+
+/// A binary frame: u32 big-endian length, then the payload.
+pub fn frame(payload: &[u8]) -> Vec<u8> {
+    let mut out = (payload.len() as u32).to_be_bytes().to_vec();
+    out.extend_from_slice(payload);
+    out
+}
+
+/// The built `portcullis` binary, running in a child process, its stderr collected.
+pub struct Process {
+    pub child: std::process::Child,
+    pub addr: SocketAddr,
+    stdout: Arc<std::sync::Mutex<String>>,
+    stderr: Arc<std::sync::Mutex<String>>,
+}
+
+impl Process {
+    /// Starts the binary in `dir` with `args` and waits for its "serving" log line.
+    pub fn spawn(dir: &Path, args: &[&str]) -> Process {
+        use std::io::{BufRead, BufReader};
+        use std::process::{Command, Stdio};
+        let mut child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .args(args)
+            .current_dir(dir)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn portcullis");
+        let stderr = Arc::new(std::sync::Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut err = BufReader::new(child.stderr.take().unwrap());
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            while err.read_line(&mut line).unwrap_or(0) > 0 {
+                if let Some(addr) = line.split("listen=").nth(1) {
+                    let addr = addr
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or("")
+                        .trim_matches('"');
+                    let _ = tx.send(addr.to_string());
+                }
+                sink.lock().unwrap().push_str(&line);
+                line.clear();
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(addr) => addr.parse().expect("listen address"),
+            Err(_) => {
+                let _ = child.kill();
+                panic!("portcullis did not start: {}", stderr.lock().unwrap());
+            }
+        };
+        let stdout = Arc::new(std::sync::Mutex::new(String::new()));
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let sink = stdout.clone();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            while out.read_line(&mut line).unwrap_or(0) > 0 {
+                sink.lock().unwrap().push_str(&line);
+                line.clear();
+            }
+        });
+        Process {
+            child,
+            addr,
+            stdout,
+            stderr,
+        }
+    }
+
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+        let rc = unsafe { libc::kill(self.child.id() as i32, signal) };
+        assert_eq!(rc, 0, "kill failed");
+    }
+
+    /// Waits up to `limit` for the process to exit, and returns its status.
+    pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!(
+                    "portcullis did not exit within {limit:?}: {}",
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// What the process printed to stdout, once it holds `marker` (waits up to 5 s).
+    pub fn stdout_with(&self, marker: &str) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let out = self.stdout.lock().unwrap().clone();
+            if out.contains(marker) || std::time::Instant::now() > deadline {
+                return out;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
