@@ -231,3 +231,63 @@ async fn openssl_s_client_speaks_text_mode() {
     );
     assert_eq!(lines[4], "OK BYE");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accept_loop_survives_running_out_of_file_descriptors() {
+    use std::os::unix::process::CommandExt;
+    let certs = TestCerts::new();
+    let config = write_config(&certs, "");
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"));
+    command.args([
+        "--config",
+        config.to_str().unwrap(),
+        "--admin-listen",
+        "127.0.0.1:0",
+    ]);
+    // SAFETY: setrlimit is async-signal-safe and touches only the child's limits.
+    unsafe {
+        command.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 48,
+                rlim_max: 48,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let gateway = Process::spawn_command(command);
+    // Far more connections than descriptors: accept fails with EMFILE for a while.
+    let mut held = Vec::new();
+    for _ in 0..80 {
+        if let Ok(tcp) = tcp_connect(gateway.addr, None).await {
+            held.push(tcp);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(held);
+    // Once descriptors are free again, the gateway serves as before.
+    let mut served = false;
+    for _ in 0..50 {
+        if let Ok(mut c) =
+            Client::connect_with(gateway.addr, &certs, ClientOptions::default()).await
+        {
+            if c.request_line("PING").await == "OK PONG" {
+                served = true;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        served,
+        "the gateway stopped serving after EMFILE: {}",
+        gateway.stderr()
+    );
+    assert!(
+        gateway.stderr().contains("accept failed"),
+        "EMFILE was not hit: {}",
+        gateway.stderr()
+    );
+}

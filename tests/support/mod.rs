@@ -285,11 +285,16 @@ pub struct Process {
 impl Process {
     /// Starts the binary in `dir` with `args` and waits for its "serving" log line.
     pub fn spawn(dir: &Path, args: &[&str]) -> Process {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"));
+        command.args(args).current_dir(dir);
+        Process::spawn_command(command)
+    }
+
+    /// Starts a prepared command and waits for its "serving" log line.
+    pub fn spawn_command(mut command: std::process::Command) -> Process {
         use std::io::{BufRead, BufReader};
-        use std::process::{Command, Stdio};
-        let mut child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
-            .args(args)
-            .current_dir(dir)
+        use std::process::Stdio;
+        let mut child = command
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
