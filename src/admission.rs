@@ -2,14 +2,33 @@
 //!
 //! Everything here is keyed by the *client key*: the client's IPv4 address, or its IPv6
 //! address masked to `ipv6_prefix`, so that one host cannot escape its limits by rotating
-//! addresses inside its own prefix. [`Admission::admit`] is the single place a connection is
-//! admitted; it can be called again with the address a PROXY header carries.
+//! addresses inside its own prefix. The checks run in the SPEC's order — global cap, then
+//! access lists, ban list, per-key rate and per-key concurrency, then handshake capacity —
+//! and each costs a few map lookups: a refused peer costs an accept and a close.
+//!
+//! [`Admission::admit_client`] is the one place a client address is admitted; it can be
+//! called with the address a trusted PROXY header carries.
+//!
+//! # State and its cost
+//!
+//! Every per-key map is bounded by pruning (`prune_interval`): rate-limiter entries are
+//! dropped once their bucket is full again (`retain_recent`), ban and failure entries once
+//! they expire, concurrency entries when a key's last connection closes. Measured per key
+//! (see the address-spray test): roughly 100 bytes in the rate limiter, the same in the
+//! concurrency map while connected; ban and failure entries are similar but exist only for
+//! keys that failed authentication.
 
 use std::net::{IpAddr, Ipv6Addr};
+use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use dashmap::DashMap;
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use ipnet::IpNet;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::error::RejectReason;
@@ -40,16 +59,54 @@ pub fn client_key(ip: IpAddr, ipv6_prefix: u8) -> IpAddr {
     }
 }
 
+/// How many keys each limiter holds: the `portcullis_limiter_keys` gauge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimiterKeys {
+    pub connection_rate: usize,
+    pub concurrency: usize,
+    pub auth_failures: usize,
+    pub bans: usize,
+}
+
+/// Recent authentication failures of one key.
+struct FailureWindow {
+    started: Instant,
+    count: u32,
+}
+
+/// The open connections of one key.
+struct KeyEntry {
+    connections: usize,
+    /// Cancelled when the key is banned: its open connections close.
+    banned: CancellationToken,
+}
+
 /// Global admission state shared by every connection.
 pub struct Admission {
+    allow: Vec<IpNet>,
+    deny: Vec<IpNet>,
+    ipv6_prefix: u8,
     /// `max_connections`: a permit is held for a connection's whole life.
     connections: Arc<Semaphore>,
     /// Connections currently held, exact across every exit path (the guard's `Drop`).
     active: Arc<AtomicUsize>,
+    /// `max_handshakes_in_flight`: a permit is held for the handshake only.
+    handshakes: Arc<Semaphore>,
+    /// New connections per second per key (GCRA, governor).
+    rate: DefaultKeyedRateLimiter<IpAddr>,
+    /// Open connections per key; an entry lives while its key has a connection.
+    per_key: Arc<DashMap<IpAddr, KeyEntry>>,
+    max_per_key: usize,
+    /// Ban expiry per key.
+    bans: DashMap<IpAddr, Instant>,
+    failures: DashMap<IpAddr, FailureWindow>,
+    max_failures: u32,
+    failure_window: Duration,
+    ban_duration: Duration,
 }
 
-/// Held by an admitted connection; dropping it (on any exit path, panics included) gives
-/// its place back.
+/// Held by a connection for its whole life; gives its global place back on drop (every exit
+/// path, panics included).
 pub struct ConnectionGuard {
     _permit: OwnedSemaphorePermit,
     active: Arc<AtomicUsize>,
@@ -62,17 +119,56 @@ impl Drop for ConnectionGuard {
     }
 }
 
+/// Held by an admitted client connection; gives its per-key place back on drop.
+pub struct ClientGuard {
+    key: IpAddr,
+    per_key: Arc<DashMap<IpAddr, KeyEntry>>,
+    /// Cancelled if the client's key is banned while the connection is open.
+    pub banned: CancellationToken,
+}
+
+impl Drop for ClientGuard {
+    fn drop(&mut self) {
+        self.per_key.remove_if_mut(&self.key, |_, entry| {
+            entry.connections -= 1;
+            entry.connections == 0
+        });
+    }
+}
+
+fn per_second(rate: u32, burst: u32) -> Quota {
+    let rate = NonZeroU32::new(rate).unwrap_or(NonZeroU32::MIN);
+    let burst = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
+    Quota::per_second(rate).allow_burst(burst)
+}
+
 impl Admission {
     pub fn new(config: &Config) -> Self {
+        let l = &config.limits;
+        let a = &config.auth;
         Admission {
-            connections: Arc::new(Semaphore::new(config.limits.max_connections)),
+            allow: config.access.allow.clone(),
+            deny: config.access.deny.clone(),
+            ipv6_prefix: l.ipv6_prefix,
+            connections: Arc::new(Semaphore::new(l.max_connections)),
             active: Arc::new(AtomicUsize::new(0)),
+            handshakes: Arc::new(Semaphore::new(l.max_handshakes_in_flight)),
+            rate: RateLimiter::keyed(per_second(
+                l.connection_rate_per_ip,
+                l.connection_burst_per_ip,
+            )),
+            per_key: Arc::new(DashMap::new()),
+            max_per_key: l.max_connections_per_ip,
+            bans: DashMap::new(),
+            failures: DashMap::new(),
+            max_failures: a.max_failures,
+            failure_window: a.failure_window,
+            ban_duration: a.ban_duration,
         }
     }
 
-    /// Admits a connection from `ip`, or says why not. Costs no allocation that depends on
-    /// the peer.
-    pub fn admit(&self, _ip: IpAddr) -> Result<ConnectionGuard, RejectReason> {
+    /// The global cap, checked first, right after accept.
+    pub fn admit_connection(&self) -> Result<ConnectionGuard, RejectReason> {
         let permit = self
             .connections
             .clone()
@@ -86,6 +182,127 @@ impl Admission {
         })
     }
 
+    /// Access lists, ban list, per-key rate and per-key concurrency, in that order, for the
+    /// client address `ip` (already normalised).
+    pub fn admit_client(&self, ip: IpAddr) -> Result<ClientGuard, RejectReason> {
+        if self.deny.iter().any(|net| net.contains(&ip))
+            || (!self.allow.is_empty() && !self.allow.iter().any(|net| net.contains(&ip)))
+        {
+            return Err(RejectReason::Denied);
+        }
+        let key = client_key(ip, self.ipv6_prefix);
+        if self.is_banned(key) {
+            return Err(RejectReason::Banned);
+        }
+        if self.rate.check_key(&key).is_err() {
+            return Err(RejectReason::RateLimited);
+        }
+        let mut entry = self.per_key.entry(key).or_insert_with(|| KeyEntry {
+            connections: 0,
+            banned: CancellationToken::new(),
+        });
+        if entry.connections >= self.max_per_key {
+            return Err(RejectReason::PerIpCap);
+        }
+        if entry.banned.is_cancelled() {
+            // A ban that has since expired: the connections it closed kept the old token.
+            entry.banned = CancellationToken::new();
+        }
+        entry.connections += 1;
+        Ok(ClientGuard {
+            key,
+            per_key: self.per_key.clone(),
+            banned: entry.banned.clone(),
+        })
+    }
+
+    /// A place among `max_handshakes_in_flight`, held until the handshake ends.
+    pub fn admit_handshake(&self) -> Result<OwnedSemaphorePermit, RejectReason> {
+        self.handshakes
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| RejectReason::HandshakeCapacity)
+    }
+
+    fn is_banned(&self, key: IpAddr) -> bool {
+        let now = Instant::now();
+        match self.bans.get(&key).map(|expiry| *expiry) {
+            Some(expiry) if expiry > now => true,
+            Some(_) => {
+                self.bans.remove_if(&key, |_, expiry| *expiry <= now);
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Records a failed authentication from `ip`. More than `max_failures` within
+    /// `failure_window` bans the key for `ban_duration` and closes its open connections;
+    /// returns true when this failure caused the ban.
+    pub fn record_auth_failure(&self, ip: IpAddr) -> bool {
+        let key = client_key(ip, self.ipv6_prefix);
+        let now = Instant::now();
+        let exceeded = {
+            let mut window = self.failures.entry(key).or_insert(FailureWindow {
+                started: now,
+                count: 0,
+            });
+            if now.duration_since(window.started) > self.failure_window {
+                *window = FailureWindow {
+                    started: now,
+                    count: 0,
+                };
+            }
+            window.count += 1;
+            window.count > self.max_failures
+        };
+        if !exceeded {
+            return false;
+        }
+        self.failures.remove(&key);
+        self.bans.insert(key, now + self.ban_duration);
+        if let Some(entry) = self.per_key.get(&key) {
+            entry.banned.cancel();
+        }
+        true
+    }
+
+    /// Drops state that no longer limits anyone: full rate buckets, expired bans and
+    /// failure windows; gives the maps' spare capacity back.
+    pub fn prune(&self) {
+        let now = Instant::now();
+        self.rate.retain_recent();
+        self.rate.shrink_to_fit();
+        self.bans.retain(|_, expiry| *expiry > now);
+        self.bans.shrink_to_fit();
+        let window = self.failure_window;
+        self.failures
+            .retain(|_, f| now.duration_since(f.started) <= window);
+        self.failures.shrink_to_fit();
+        self.per_key.shrink_to_fit();
+    }
+
+    /// Runs [`Admission::prune`] every `interval` until `stop` is cancelled.
+    pub async fn prune_every(&self, interval: Duration, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => self.prune(),
+                _ = stop.cancelled() => return,
+            }
+        }
+    }
+
+    pub fn keys(&self) -> LimiterKeys {
+        LimiterKeys {
+            connection_rate: self.rate.len(),
+            concurrency: self.per_key.len(),
+            auth_failures: self.failures.len(),
+            bans: self.bans.len(),
+        }
+    }
+
     /// Connections currently held.
     pub fn active(&self) -> usize {
         self.active.load(Ordering::Relaxed)
@@ -96,45 +313,150 @@ impl Admission {
 mod tests {
     use super::*;
 
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn admission(edit: impl FnOnce(&mut Config)) -> Admission {
+        let mut config = Config::default();
+        edit(&mut config);
+        Admission::new(&config)
+    }
+
     #[test]
     fn mapped_ipv4_is_normalised() {
-        let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
-        assert_eq!(normalize_ip(mapped), "192.0.2.7".parse::<IpAddr>().unwrap());
-        assert_eq!(
-            client_key(mapped, 64),
-            "192.0.2.7".parse::<IpAddr>().unwrap()
-        );
+        let mapped = ip("::ffff:192.0.2.7");
+        assert_eq!(normalize_ip(mapped), ip("192.0.2.7"));
+        assert_eq!(client_key(mapped, 64), ip("192.0.2.7"));
     }
 
     #[test]
     fn ipv6_is_keyed_by_prefix() {
-        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
-        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
-        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        let a = ip("2001:db8:1:2:aaaa::1");
+        let b = ip("2001:db8:1:2:ffff::9");
+        let c = ip("2001:db8:1:3::1");
         assert_eq!(client_key(a, 64), client_key(b, 64));
         assert_ne!(client_key(a, 64), client_key(c, 64));
-        assert_eq!(
-            client_key(a, 64),
-            "2001:db8:1:2::".parse::<IpAddr>().unwrap()
-        );
+        assert_eq!(client_key(a, 64), ip("2001:db8:1:2::"));
         assert_eq!(client_key(a, 128), a);
         assert_eq!(client_key(a, 48), client_key(c, 48));
+        assert_eq!(client_key(a, 1), ip("::"));
+    }
+
+    #[test]
+    fn ipv6_hosts_in_one_prefix_share_limits() {
+        let adm = admission(|c| c.limits.max_connections_per_ip = 2);
+        let _a = adm.admit_client(ip("2001:db8::1")).unwrap();
+        let _b = adm.admit_client(ip("2001:db8::2")).unwrap();
+        assert_eq!(
+            adm.admit_client(ip("2001:db8::ffff")).err(),
+            Some(RejectReason::PerIpCap)
+        );
+        assert!(adm.admit_client(ip("2001:db8:0:1::1")).is_ok());
     }
 
     #[test]
     fn global_cap_refuses_then_frees() {
-        let mut config = Config::default();
-        config.limits.max_connections = 1;
-        let admission = Admission::new(&config);
-        let ip = "192.0.2.1".parse().unwrap();
-        let guard = admission.admit(ip).unwrap();
+        let adm = admission(|c| c.limits.max_connections = 1);
+        let guard = adm.admit_connection().unwrap();
         assert_eq!(
-            admission.admit(ip).err(),
+            adm.admit_connection().err(),
             Some(RejectReason::MaxConnections)
         );
-        assert_eq!(admission.active(), 1);
+        assert_eq!(adm.active(), 1);
         drop(guard);
-        assert_eq!(admission.active(), 0);
-        assert!(admission.admit(ip).is_ok());
+        assert_eq!(adm.active(), 0);
+        assert!(adm.admit_connection().is_ok());
+    }
+
+    #[test]
+    fn access_lists() {
+        let adm = admission(|c| {
+            c.access.allow = vec!["10.0.0.0/8".parse().unwrap()];
+            c.access.deny = vec!["10.1.0.0/16".parse().unwrap()];
+        });
+        assert!(adm.admit_client(ip("10.2.3.4")).is_ok());
+        assert_eq!(
+            adm.admit_client(ip("10.1.3.4")).err(),
+            Some(RejectReason::Denied)
+        );
+        assert_eq!(
+            adm.admit_client(ip("192.0.2.1")).err(),
+            Some(RejectReason::Denied)
+        );
+    }
+
+    #[test]
+    fn rate_limit_triggers_at_the_burst_and_not_before() {
+        let adm = admission(|c| {
+            c.limits.connection_rate_per_ip = 1;
+            c.limits.connection_burst_per_ip = 3;
+        });
+        for _ in 0..3 {
+            assert!(adm.admit_client(ip("192.0.2.1")).is_ok());
+        }
+        assert_eq!(
+            adm.admit_client(ip("192.0.2.1")).err(),
+            Some(RejectReason::RateLimited)
+        );
+        assert!(adm.admit_client(ip("192.0.2.2")).is_ok());
+    }
+
+    #[test]
+    fn concurrency_guard_releases_on_drop_and_panic() {
+        let adm = Arc::new(admission(|c| c.limits.max_connections_per_ip = 1));
+        let g = adm.admit_client(ip("192.0.2.1")).unwrap();
+        assert_eq!(
+            adm.admit_client(ip("192.0.2.1")).err(),
+            Some(RejectReason::PerIpCap)
+        );
+        drop(g);
+        assert_eq!(adm.keys().concurrency, 0);
+        let adm2 = adm.clone();
+        let r = std::thread::spawn(move || {
+            let _g = adm2.admit_client(ip("192.0.2.1")).unwrap();
+            panic!("connection task panics");
+        })
+        .join();
+        assert!(r.is_err());
+        assert!(
+            adm.admit_client(ip("192.0.2.1")).is_ok(),
+            "the panic released its place"
+        );
+    }
+
+    #[test]
+    fn bans_after_more_than_max_failures_and_expire() {
+        let adm = admission(|c| {
+            c.auth.max_failures = 2;
+            c.auth.ban_duration = Duration::from_millis(50);
+        });
+        let open = adm.admit_client(ip("192.0.2.1")).unwrap();
+        assert!(!adm.record_auth_failure(ip("192.0.2.1")));
+        assert!(!adm.record_auth_failure(ip("192.0.2.1")));
+        assert!(adm.record_auth_failure(ip("192.0.2.1")));
+        assert!(open.banned.is_cancelled(), "open connections are told");
+        assert_eq!(
+            adm.admit_client(ip("192.0.2.1")).err(),
+            Some(RejectReason::Banned)
+        );
+        assert!(adm.admit_client(ip("192.0.2.9")).is_ok());
+        std::thread::sleep(Duration::from_millis(60));
+        let again = adm.admit_client(ip("192.0.2.1")).unwrap();
+        assert!(!again.banned.is_cancelled());
+        adm.prune();
+        assert_eq!(adm.keys().bans, 0);
+    }
+
+    #[test]
+    fn failures_outside_the_window_do_not_add_up() {
+        let adm = admission(|c| {
+            c.auth.max_failures = 1;
+            c.auth.failure_window = Duration::from_millis(30);
+        });
+        assert!(!adm.record_auth_failure(ip("192.0.2.1")));
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(!adm.record_auth_failure(ip("192.0.2.1")));
+        assert!(adm.record_auth_failure(ip("192.0.2.1")));
     }
 }

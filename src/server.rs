@@ -93,6 +93,14 @@ impl Server {
         let Server { listener, gateway } = self;
         let tracker = TaskTracker::new();
         let shutdown = gateway.shutdown.clone();
+        let pruner = {
+            let gateway = gateway.clone();
+            let interval = gateway.config.limits.prune_interval;
+            tokio::spawn(async move {
+                let stop = gateway.shutdown.force.clone();
+                gateway.admission.prune_every(interval, stop).await
+            })
+        };
         let delay = gateway.config.server.shutdown_delay;
         let stop_accepting = async {
             shutdown.drain.cancelled().await;
@@ -118,6 +126,7 @@ impl Server {
         }
         shutdown.force.cancel();
         let _ = tokio::time::timeout(FORCE_GRACE, tracker.wait()).await;
+        let _ = pruner.await;
         tracing::info!("drained");
     }
 }

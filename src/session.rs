@@ -6,16 +6,20 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::num::NonZeroU32;
+
 use bytes::{Buf, BytesMut};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::time::{sleep_until, timeout, timeout_at, Instant};
 use tokio_rustls::server::TlsStream;
+use tokio_util::sync::CancellationToken;
 
 use crate::admission::normalize_ip;
 use crate::auth::{certificate_identity, AuthMethod, Principal};
 use crate::codec::{Message, MessageCodec, TooLarge};
-use crate::command::{self, After, Context, Request};
+use crate::command::{self, After, Context, Reply, Request};
 use crate::config::AuthMode;
 use crate::error::{CloseReason, ErrorCode};
 use crate::metrics::{self, HandshakeResult};
@@ -40,22 +44,43 @@ type Writer = WriteHalf<TlsStream<TcpStream>>;
 /// Serves one accepted TCP connection until it closes.
 pub async fn run(stream: TcpStream, peer: SocketAddr, gateway: Arc<Gateway>) {
     metrics::connection_accepted();
-    let ip = normalize_ip(peer.ip());
-    let _guard = match gateway.admission.admit(ip) {
+    let admission = &gateway.admission;
+    let _connection = match admission.admit_connection() {
         Ok(guard) => guard,
-        Err(reason) => {
-            metrics::connection_rejected(reason);
-            tracing::debug!(%ip, reason = reason.as_str(), "connection refused");
-            return;
-        }
+        Err(reason) => return refuse(stream, peer.ip(), reason),
     };
-    let reason = serve(stream, ip, &gateway).await;
+    let ip = normalize_ip(peer.ip());
+    let client = match admission.admit_client(ip) {
+        Ok(guard) => guard,
+        Err(reason) => return refuse(stream, ip, reason),
+    };
+    let handshake_permit = match admission.admit_handshake() {
+        Ok(permit) => permit,
+        Err(reason) => return refuse(stream, ip, reason),
+    };
+    let reason = serve(stream, ip, handshake_permit, &client.banned, &gateway).await;
     metrics::connection_closed(reason);
     tracing::debug!(%ip, reason = reason.as_str(), "connection closed");
 }
 
-async fn serve(stream: TcpStream, ip: IpAddr, gateway: &Gateway) -> CloseReason {
-    let (tls, principal) = match handshake(stream, gateway).await {
+/// Closes a refused connection at once, with a reset (no TIME_WAIT left on the gateway),
+/// before a byte of TLS.
+fn refuse(stream: TcpStream, ip: IpAddr, reason: crate::error::RejectReason) {
+    metrics::connection_rejected(reason);
+    tracing::debug!(%ip, reason = reason.as_str(), "connection refused");
+    let _ = stream.set_zero_linger();
+}
+
+async fn serve(
+    stream: TcpStream,
+    ip: IpAddr,
+    handshake_permit: tokio::sync::OwnedSemaphorePermit,
+    banned: &CancellationToken,
+    gateway: &Gateway,
+) -> CloseReason {
+    let handshake = handshake(stream, gateway).await;
+    drop(handshake_permit);
+    let (tls, principal) = match handshake {
         Ok(done) => done,
         Err(reason) => return reason,
     };
@@ -70,9 +95,17 @@ async fn serve(stream: TcpStream, ip: IpAddr, gateway: &Gateway) -> CloseReason 
         .and_then(|s| s.suite().as_str())
         .unwrap_or("unknown");
     let protocol = &gateway.config.protocol;
+    let limits = &gateway.config.limits;
     let mut session = Session {
         gateway,
         ip,
+        banned,
+        command_rate: RateLimiter::direct(
+            Quota::per_second(
+                NonZeroU32::new(limits.commands_per_second).unwrap_or(NonZeroU32::MIN),
+            )
+            .allow_burst(NonZeroU32::new(limits.commands_burst).unwrap_or(NonZeroU32::MIN)),
+        ),
         principal,
         tls_version,
         cipher,
@@ -154,6 +187,10 @@ struct Session<'g> {
     gateway: &'g Gateway,
     /// The normalised client address: what WHOAMI shows and limits key on.
     ip: IpAddr,
+    /// Cancelled when the client's key is banned.
+    banned: &'g CancellationToken,
+    /// `commands_per_second` / `commands_burst` for this connection.
+    command_rate: DefaultDirectRateLimiter,
     principal: Option<Principal>,
     tls_version: &'static str,
     cipher: &'static str,
@@ -208,6 +245,7 @@ impl Session<'_> {
             tokio::select! {
                 biased;
                 _ = shutdown.force.cancelled() => return self.close(wr, CloseReason::Shutdown).await,
+                _ = self.banned.cancelled() => return self.close(wr, CloseReason::Banned).await,
                 read = rd.read_buf(&mut self.rbuf) => match read {
                     Ok(0) => return self.close(wr, CloseReason::ClientClose).await,
                     Ok(_) => {}
@@ -242,8 +280,19 @@ impl Session<'_> {
                 continue; // a heartbeat: it only resets the idle timer
             };
             metrics::traffic("in", 1, bytes.len() as u64);
-            if self.serve(Request::parse(bytes)) == After::Close {
-                return Step::Close(CloseReason::Quit);
+            if self.command_rate.check().is_err() {
+                self.queue_reply(&Reply::Err(ErrorCode::RateLimited, "slow down").parts());
+                continue;
+            }
+            match self.serve(Request::parse(bytes)) {
+                After::Continue => {}
+                After::Close => return Step::Close(CloseReason::Quit),
+                After::AuthFailed => {
+                    if self.gateway.admission.record_auth_failure(self.ip) {
+                        tracing::debug!(ip = %self.ip, "banned after repeated authentication failures");
+                        return Step::Close(CloseReason::Banned);
+                    }
+                }
             }
         }
     }

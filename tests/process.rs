@@ -236,7 +236,10 @@ async fn openssl_s_client_speaks_text_mode() {
 async fn accept_loop_survives_running_out_of_file_descriptors() {
     use std::os::unix::process::CommandExt;
     let certs = TestCerts::new();
-    let config = write_config(&certs, "");
+    let config = write_config(
+        &certs,
+        "[limits]\nconnection_rate_per_ip = 1000\nconnection_burst_per_ip = 1000\n",
+    );
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"));
     command.args([
         "--config",
