@@ -13,10 +13,11 @@
 //!
 //! Every per-key map is bounded by pruning (`prune_interval`): rate-limiter entries are
 //! dropped once their bucket is full again (`retain_recent`), ban and failure entries once
-//! they expire, concurrency entries when a key's last connection closes. Measured per key
-//! (see the address-spray test): roughly 100 bytes in the rate limiter, the same in the
-//! concurrency map while connected; ban and failure entries are similar but exist only for
-//! keys that failed authentication.
+//! they expire, concurrency entries when a key's last connection closes. A rate-limiter key
+//! costs about 70 bytes (measured over a million keys by `cargo bench --bench limiter`); a
+//! concurrency entry (key, count, cancellation token) about 150 bytes while the key has a
+//! connection; ban and failure entries about 50 bytes, only for keys that failed to
+//! authenticate.
 
 use std::net::{IpAddr, Ipv6Addr};
 use std::num::NonZeroU32;
