@@ -11,9 +11,9 @@ fn stream(binary: bool, size: usize, count: usize) -> Vec<u8> {
     for _ in 0..count {
         if binary {
             out.extend_from_slice(&(size as u32).to_be_bytes());
-            out.extend(std::iter::repeat(0xA5).take(size));
+            out.extend(std::iter::repeat_n(0xA5, size));
         } else {
-            out.extend(std::iter::repeat(b'x').take(size - 1));
+            out.extend(std::iter::repeat_n(b'x', size - 1));
             out.push(b'\n');
         }
     }

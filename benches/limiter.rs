@@ -21,7 +21,12 @@ fn admission() -> Admission {
 
 fn rss_bytes() -> usize {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0) * 4096
+    statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0)
+        * 4096
 }
 
 /// Bytes of RSS per rate-limiter key, over `n` keys.
@@ -37,7 +42,10 @@ fn bytes_per_key(n: u32) -> f64 {
 }
 
 fn limiter(c: &mut Criterion) {
-    println!("memory: {:.0} bytes per rate-limiter key (1,000,000 keys, RSS)", bytes_per_key(1_000_000));
+    println!(
+        "memory: {:.0} bytes per rate-limiter key (1,000,000 keys, RSS)",
+        bytes_per_key(1_000_000)
+    );
     let mut group = c.benchmark_group("admit_client");
     group.measurement_time(Duration::from_secs(3));
     for keys in [1u32, 100_000] {

@@ -59,6 +59,23 @@ pub fn default_sans() -> Vec<String> {
     vec!["localhost".into(), "127.0.0.1".into(), "::1".into()]
 }
 
+/// How long generated certificates are valid: long enough for a development setup to keep
+/// working, short enough that the expiry gauge and alert have something to say.
+const VALIDITY_DAYS: i64 = 365;
+
+/// Parameters valid from yesterday (clock skew) for [`VALIDITY_DAYS`].
+fn params(names: Vec<String>, common_name: &str) -> Result<CertificateParams, rcgen::Error> {
+    let mut params = CertificateParams::new(names)?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, common_name);
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::days(1);
+    params.not_after = now + time::Duration::days(VALIDITY_DAYS);
+    params.serial_number = Some(rcgen::SerialNumber::from_slice(&rand::random::<[u8; 16]>()));
+    Ok(params)
+}
+
 /// Generates a CA, a server certificate for `sans` and a client certificate (identity
 /// `dev-client`) into `dir`. Keys are ECDSA P-256, written with mode 0600.
 pub fn generate_certs(dir: &Path, sans: &[String]) -> Result<CertPaths, BootstrapError> {
@@ -66,27 +83,18 @@ pub fn generate_certs(dir: &Path, sans: &[String]) -> Result<CertPaths, Bootstra
     let paths = CertPaths::in_dir(dir);
 
     let ca_key = KeyPair::generate()?;
-    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "portcullis dev CA");
+    let mut ca_params = params(Vec::new(), "portcullis dev CA")?;
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     let ca = ca_params.self_signed(&ca_key)?;
 
     let server_key = KeyPair::generate()?;
-    let mut server_params = CertificateParams::new(sans.to_vec())?;
-    server_params
-        .distinguished_name
-        .push(DnType::CommonName, "portcullis");
+    let mut server_params = params(sans.to_vec(), "portcullis")?;
     server_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     let server = server_params.signed_by(&server_key, &ca, &ca_key)?;
 
     let client_key = KeyPair::generate()?;
-    let mut client_params = CertificateParams::new(vec!["dev-client".to_string()])?;
-    client_params
-        .distinguished_name
-        .push(DnType::CommonName, "dev-client");
+    let mut client_params = params(vec!["dev-client".to_string()], "dev-client")?;
     client_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     let client = client_params.signed_by(&client_key, &ca, &ca_key)?;
 

@@ -144,3 +144,86 @@ impl ErrorCode {
         }
     }
 }
+
+/// A security event: every refusal and every sign of abuse. The `kind` label of
+/// `portcullis_security_events_total` and of the rate-limited WARN log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SecurityEvent {
+    /// A connection refused before TLS, for this reason.
+    Rejected(RejectReason),
+    OversizeFrame,
+    OversizeLine,
+    AuthFailed,
+    HandshakeTimeout,
+    HandshakeFailed,
+    UntrustedProxyHeader,
+    CommandRateLimited,
+    WriteOverflow,
+}
+
+impl SecurityEvent {
+    /// The number of kinds: the rejection reasons plus the eight others.
+    pub const COUNT: usize = RejectReason::ALL.len() + 8;
+
+    /// Every kind, for pre-registering metric series.
+    pub fn all() -> impl Iterator<Item = SecurityEvent> {
+        RejectReason::ALL
+            .into_iter()
+            .map(SecurityEvent::Rejected)
+            .chain([
+                SecurityEvent::OversizeFrame,
+                SecurityEvent::OversizeLine,
+                SecurityEvent::AuthFailed,
+                SecurityEvent::HandshakeTimeout,
+                SecurityEvent::HandshakeFailed,
+                SecurityEvent::UntrustedProxyHeader,
+                SecurityEvent::CommandRateLimited,
+                SecurityEvent::WriteOverflow,
+            ])
+    }
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SecurityEvent::Rejected(reason) => reason.as_str(),
+            SecurityEvent::OversizeFrame => "oversize_frame",
+            SecurityEvent::OversizeLine => "oversize_line",
+            SecurityEvent::AuthFailed => "auth_failed",
+            SecurityEvent::HandshakeTimeout => "handshake_timeout",
+            SecurityEvent::HandshakeFailed => "handshake_failed",
+            SecurityEvent::UntrustedProxyHeader => "untrusted_proxy_header",
+            SecurityEvent::CommandRateLimited => "command_rate_limited",
+            SecurityEvent::WriteOverflow => "write_overflow",
+        }
+    }
+
+    /// A dense index in `0..COUNT`, for per-kind state.
+    pub fn index(self) -> usize {
+        match self {
+            SecurityEvent::Rejected(reason) => reason as usize,
+            SecurityEvent::OversizeFrame => RejectReason::ALL.len(),
+            SecurityEvent::OversizeLine => RejectReason::ALL.len() + 1,
+            SecurityEvent::AuthFailed => RejectReason::ALL.len() + 2,
+            SecurityEvent::HandshakeTimeout => RejectReason::ALL.len() + 3,
+            SecurityEvent::HandshakeFailed => RejectReason::ALL.len() + 4,
+            SecurityEvent::UntrustedProxyHeader => RejectReason::ALL.len() + 5,
+            SecurityEvent::CommandRateLimited => RejectReason::ALL.len() + 6,
+            SecurityEvent::WriteOverflow => RejectReason::ALL.len() + 7,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn security_event_indexes_are_dense_and_unique() {
+        let mut seen = [false; SecurityEvent::COUNT];
+        for event in SecurityEvent::all() {
+            assert!(!seen[event.index()], "{event:?}");
+            seen[event.index()] = true;
+        }
+        assert!(seen.iter().all(|&s| s));
+    }
+}

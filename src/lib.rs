@@ -14,10 +14,13 @@
 //!    message over its cap before buffering it.
 //! 5. [`auth`] turns a client certificate or a token into a principal; [`command`] serves
 //!    the requests behind the NOAUTH gate.
-//! 6. [`metrics`] names every metric; [`error`] holds the closed sets that become labels.
+//! 6. [`metrics`] names every metric and writes the rate-limited security log; [`admin`]
+//!    serves `/metrics`, `/healthz` and `/readyz`; [`error`] holds the closed sets that
+//!    become labels.
 //!
 //! [`config`] is the typed configuration and [`bootstrap`] the development set-up.
 
+pub mod admin;
 pub mod admission;
 pub mod auth;
 pub mod bootstrap;

@@ -182,7 +182,7 @@ fn serve(explicit: Option<PathBuf>, flags: &FlagOverrides) -> anyhow::Result<Exi
         let shutdown = Shutdown::new();
         shutdown.listen_for_signals()?;
         let server = Server::bind(config, shutdown)?;
-        tracing::info!(listen = %server.local_addr()?, "portcullis serving");
+        tracing::info!(listen = %server.local_addr()?, admin = %server.admin_addr()?, "portcullis serving");
         server.run().await;
         anyhow::Ok(())
     })?;

@@ -1,15 +1,25 @@
-//! Every metric name and label set, in one place (SPEC section 5).
+//! Every metric name and label set, in one place (SPEC section 5), and the security-event
+//! log.
 //!
 //! The rest of the crate reports events through these functions and never names a metric
 //! itself, so label values can only come from the closed enums of [`crate::error`] and
-//! friends: never an address, a token or an identity.
+//! friends: never an address, a token or an identity. Every series is described (HELP and
+//! TYPE lines) and registered at zero by [`install`], so dashboards and alerts see it before
+//! the first event.
 
-use std::time::Duration;
+use std::net::IpAddr;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
-use metrics::{counter, gauge, histogram};
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
+};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
+use crate::admission::LimiterKeys;
 use crate::auth::AuthMethod;
-use crate::error::{CloseReason, RejectReason};
+use crate::command::Verb;
+use crate::error::{CloseReason, RejectReason, SecurityEvent};
 
 pub const CONNECTIONS_ACCEPTED: &str = "portcullis_connections_accepted_total";
 pub const CONNECTIONS_REJECTED: &str = "portcullis_connections_rejected_total";
@@ -23,6 +33,23 @@ pub const COMMAND_DURATION: &str = "portcullis_command_duration_seconds";
 pub const COMMANDS: &str = "portcullis_commands_total";
 pub const FRAMES: &str = "portcullis_frames_total";
 pub const BYTES: &str = "portcullis_bytes_total";
+pub const LIMITER_KEYS: &str = "portcullis_limiter_keys";
+pub const CERT_NOT_AFTER: &str = "portcullis_cert_not_after_timestamp_seconds";
+pub const CERT_RELOADS: &str = "portcullis_cert_reloads_total";
+pub const BUILD_INFO: &str = "portcullis_build_info";
+
+/// Handshakes take from ~100 µs (resumed, loopback) to the 10 s default timeout.
+const HANDSHAKE_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+/// Built-in commands take microseconds; an upstream command may take up to a second.
+const COMMAND_BUCKETS: &[f64] = &[
+    0.000005, 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
+    0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+];
+/// At most this many WARN lines per second per security-event kind.
+const EVENT_LINES_PER_SECOND: u32 = 10;
 
 /// The result of a TLS handshake, as labelled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,14 +69,146 @@ impl HandshakeResult {
     }
 }
 
+/// Installs the Prometheus recorder (once per process; later calls return the same
+/// handle), describes every metric and registers every series at zero.
+pub fn install() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Full(HANDSHAKE_DURATION.into()), HANDSHAKE_BUCKETS)
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(COMMAND_DURATION.into()),
+                        COMMAND_BUCKETS,
+                    )
+                })
+                .expect("bucket lists are constant and non-empty");
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("a metrics recorder was already installed; /metrics will be empty");
+            }
+            describe();
+            register_at_zero();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    describe_counter!(
+        CONNECTIONS_ACCEPTED,
+        "TCP connections accepted, refused ones included"
+    );
+    describe_counter!(
+        CONNECTIONS_REJECTED,
+        "Connections refused before TLS, by reason"
+    );
+    describe_gauge!(CONNECTIONS_ACTIVE, "Connections currently open");
+    describe_counter!(CONNECTIONS_CLOSED, "Admitted connections closed, by reason");
+    describe_histogram!(
+        HANDSHAKE_DURATION,
+        Unit::Seconds,
+        "TLS handshake duration, first byte included"
+    );
+    describe_counter!(HANDSHAKES, "TLS handshakes by result and protocol version");
+    describe_counter!(SECURITY_EVENTS, "Refusals and signs of abuse, by kind");
+    describe_counter!(AUTH, "Authentication attempts by method and result");
+    describe_histogram!(
+        COMMAND_DURATION,
+        Unit::Seconds,
+        "Command service time, by command"
+    );
+    describe_counter!(COMMANDS, "Commands served, by command and result");
+    describe_counter!(
+        FRAMES,
+        "Messages (frames or lines) received (in) and sent (out)"
+    );
+    describe_counter!(
+        BYTES,
+        Unit::Bytes,
+        "Plaintext message bytes received (in) and sent (out)"
+    );
+    describe_gauge!(LIMITER_KEYS, "Keys held by each per-client limiter");
+    describe_gauge!(
+        CERT_NOT_AFTER,
+        Unit::Seconds,
+        "notAfter of the serving certificate, Unix time"
+    );
+    describe_counter!(CERT_RELOADS, "Certificate reloads by result");
+    describe_gauge!(
+        BUILD_INFO,
+        "Always 1; the version label says which build runs"
+    );
+}
+
+fn register_at_zero() {
+    counter!(CONNECTIONS_ACCEPTED).absolute(0);
+    gauge!(CONNECTIONS_ACTIVE).set(0.0);
+    for reason in RejectReason::ALL {
+        counter!(CONNECTIONS_REJECTED, "reason" => reason.as_str()).absolute(0);
+    }
+    for reason in CloseReason::ALL {
+        counter!(CONNECTIONS_CLOSED, "reason" => reason.as_str()).absolute(0);
+    }
+    for result in [
+        HandshakeResult::Ok,
+        HandshakeResult::Failed,
+        HandshakeResult::Timeout,
+    ] {
+        let versions: &[&str] = match result {
+            HandshakeResult::Ok => &["TLSv1_2", "TLSv1_3"],
+            _ => &["none"],
+        };
+        for version in versions {
+            counter!(HANDSHAKES, "result" => result.as_str(), "version" => *version).absolute(0);
+        }
+    }
+    let _ = histogram!(HANDSHAKE_DURATION);
+    for event in SecurityEvent::all() {
+        counter!(SECURITY_EVENTS, "kind" => event.as_str()).absolute(0);
+    }
+    for method in [AuthMethod::Token, AuthMethod::Mtls] {
+        for result in ["ok", "failed"] {
+            counter!(AUTH, "method" => method.as_str(), "result" => result).absolute(0);
+        }
+    }
+    for verb in Verb::KNOWN.into_iter().chain([Verb::Unknown]) {
+        let _ = histogram!(COMMAND_DURATION, "command" => verb.as_str());
+        for result in ["ok", "error"] {
+            counter!(COMMANDS, "command" => verb.as_str(), "result" => result).absolute(0);
+        }
+    }
+    for direction in ["in", "out"] {
+        counter!(FRAMES, "direction" => direction).absolute(0);
+        counter!(BYTES, "direction" => direction).absolute(0);
+    }
+    limiter_keys(LimiterKeys {
+        connection_rate: 0,
+        concurrency: 0,
+        auth_failures: 0,
+        bans: 0,
+    });
+    for result in ["ok", "failed"] {
+        counter!(CERT_RELOADS, "result" => result).absolute(0);
+    }
+    gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+}
+
 /// A TCP connection was accepted (whether or not it is then refused).
 pub fn connection_accepted() {
     counter!(CONNECTIONS_ACCEPTED).increment(1);
 }
 
-/// A connection was refused before TLS.
-pub fn connection_rejected(reason: RejectReason) {
+/// A connection was refused before TLS: counted, and logged as a security event.
+pub fn connection_rejected(reason: RejectReason, ip: IpAddr) {
     counter!(CONNECTIONS_REJECTED, "reason" => reason.as_str()).increment(1);
+    security_event(
+        SecurityEvent::Rejected(reason),
+        ip,
+        "connection refused before TLS",
+    );
 }
 
 /// An admitted connection ended.
@@ -57,7 +216,7 @@ pub fn connection_closed(reason: CloseReason) {
     counter!(CONNECTIONS_CLOSED, "reason" => reason.as_str()).increment(1);
 }
 
-/// The number of connections currently held, set from the exact count kept by the server.
+/// The number of connections currently held, set from the exact count kept by admission.
 pub fn connections_active(count: usize) {
     gauge!(CONNECTIONS_ACTIVE).set(count as f64);
 }
@@ -74,15 +233,152 @@ pub fn auth(method: AuthMethod, ok: bool) {
     counter!(AUTH, "method" => method.as_str(), "result" => result).increment(1);
 }
 
-/// One command was served; `command` is a verb from the closed set of `command::Verb`.
-pub fn command(command: &'static str, ok: bool, took: Duration) {
+/// One command was served.
+pub fn command(verb: Verb, ok: bool, took: Duration) {
     let result = if ok { "ok" } else { "error" };
-    counter!(COMMANDS, "command" => command, "result" => result).increment(1);
-    histogram!(COMMAND_DURATION, "command" => command).record(took.as_secs_f64());
+    counter!(COMMANDS, "command" => verb.as_str(), "result" => result).increment(1);
+    histogram!(COMMAND_DURATION, "command" => verb.as_str()).record(took.as_secs_f64());
 }
 
 /// Messages and plaintext bytes received (`in`) or sent (`out`).
 pub fn traffic(direction: &'static str, messages: u64, bytes: u64) {
     counter!(FRAMES, "direction" => direction).increment(messages);
     counter!(BYTES, "direction" => direction).increment(bytes);
+}
+
+/// The per-client limiters' key counts.
+pub fn limiter_keys(keys: LimiterKeys) {
+    gauge!(LIMITER_KEYS, "limiter" => "connection_rate").set(keys.connection_rate as f64);
+    gauge!(LIMITER_KEYS, "limiter" => "concurrency").set(keys.concurrency as f64);
+    gauge!(LIMITER_KEYS, "limiter" => "auth_failures").set(keys.auth_failures as f64);
+    gauge!(LIMITER_KEYS, "limiter" => "bans").set(keys.bans as f64);
+}
+
+/// The serving certificate's notAfter (Unix seconds).
+pub fn cert_not_after(timestamp: i64) {
+    gauge!(CERT_NOT_AFTER).set(timestamp as f64);
+}
+
+/// A certificate reload ended.
+pub fn cert_reload(ok: bool) {
+    let result = if ok { "ok" } else { "failed" };
+    counter!(CERT_RELOADS, "result" => result).increment(1);
+}
+
+/// A refusal or sign of abuse: counted by kind, and logged as one WARN line with the client
+/// key, at most [`EVENT_LINES_PER_SECOND`] per kind; the lines held back are summed up in
+/// one line when the second is over (see [`flush_security_log`]).
+pub fn security_event(event: SecurityEvent, ip: IpAddr, reason: &'static str) {
+    counter!(SECURITY_EVENTS, "kind" => event.as_str()).increment(1);
+    if EVENT_LOG.admit(event, Instant::now()) {
+        tracing::warn!(kind = event.as_str(), client = %ip, reason, "security event");
+    }
+}
+
+/// Writes the "suppressed" lines of windows that are over; called every second.
+pub fn flush_security_log() {
+    EVENT_LOG.flush(Instant::now());
+}
+
+static EVENT_LOG: EventLog = EventLog::new();
+
+/// Per-kind one-second windows of security-event log lines.
+struct EventLog {
+    windows: [Mutex<Window>; SecurityEvent::COUNT],
+}
+
+#[derive(Clone, Copy)]
+struct Window {
+    started: Option<Instant>,
+    logged: u32,
+    suppressed: u64,
+}
+
+impl EventLog {
+    const fn new() -> Self {
+        #[allow(clippy::declare_interior_mutable_const)] // a template, copied into each slot
+        const EMPTY: Mutex<Window> = Mutex::new(Window {
+            started: None,
+            logged: 0,
+            suppressed: 0,
+        });
+        EventLog {
+            windows: [EMPTY; SecurityEvent::COUNT],
+        }
+    }
+
+    /// True when this event's line may be written.
+    fn admit(&self, event: SecurityEvent, now: Instant) -> bool {
+        let Ok(mut window) = self.windows[event.index()].lock() else {
+            return false;
+        };
+        if window
+            .started
+            .is_none_or(|s| now.duration_since(s) >= Duration::from_secs(1))
+        {
+            report_suppressed(event, window.suppressed);
+            *window = Window {
+                started: Some(now),
+                logged: 0,
+                suppressed: 0,
+            };
+        }
+        if window.logged < EVENT_LINES_PER_SECOND {
+            window.logged += 1;
+            true
+        } else {
+            window.suppressed += 1;
+            false
+        }
+    }
+
+    fn flush(&self, now: Instant) {
+        for event in SecurityEvent::all() {
+            let Ok(mut window) = self.windows[event.index()].lock() else {
+                continue;
+            };
+            if window
+                .started
+                .is_some_and(|s| now.duration_since(s) >= Duration::from_secs(1))
+            {
+                report_suppressed(event, window.suppressed);
+                window.suppressed = 0;
+                window.started = None;
+            }
+        }
+    }
+}
+
+fn report_suppressed(event: SecurityEvent, suppressed: u64) {
+    if suppressed > 0 {
+        tracing::warn!(
+            kind = event.as_str(),
+            suppressed,
+            "security events suppressed (log rate limit)"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_log_admits_ten_per_second_per_kind() {
+        let log = EventLog::new();
+        let t0 = Instant::now();
+        let admitted = (0..1000)
+            .filter(|_| log.admit(SecurityEvent::AuthFailed, t0))
+            .count();
+        assert_eq!(admitted, EVENT_LINES_PER_SECOND as usize);
+        assert!(
+            log.admit(SecurityEvent::OversizeLine, t0),
+            "kinds are limited separately"
+        );
+        let later = t0 + Duration::from_millis(1001);
+        assert!(
+            log.admit(SecurityEvent::AuthFailed, later),
+            "a new second, a new budget"
+        );
+    }
 }

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::{TcpListener, TcpSocket};
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admission::Admission;
@@ -23,6 +25,8 @@ const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// After `drain_timeout`, how long forced connections get to finish closing.
 const FORCE_GRACE: Duration = Duration::from_secs(1);
+/// How often held-back security-log lines are summed up and metric storage is compacted.
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +57,7 @@ impl Gateway {
     pub fn new(config: Config, shutdown: Shutdown) -> Result<Self, StartError> {
         let settings = TlsSettings::from_config(&config);
         let material = TlsMaterial::load(&settings)?;
+        crate::metrics::cert_not_after(material.not_after);
         let tokens = TokenStore::from_entries(&config.auth.tokens)?;
         Ok(Gateway {
             tls: TlsState::new(settings, &material),
@@ -67,20 +72,37 @@ impl Gateway {
 /// A bound, not yet serving, gateway.
 pub struct Server {
     listener: TcpListener,
+    admin: TcpListener,
     gateway: Arc<Gateway>,
+    metrics: PrometheusHandle,
 }
 
 impl Server {
-    /// Builds the gateway and binds its listener.
+    /// Installs the metrics recorder, builds the gateway and binds both listeners.
     pub fn bind(config: Config, shutdown: Shutdown) -> Result<Server, StartError> {
+        let metrics = crate::metrics::install();
         let addr = config.server.listen;
+        let admin_addr = config.admin.listen;
         let gateway = Arc::new(Gateway::new(config, shutdown)?);
         let listener = listen(addr).map_err(|source| StartError::Bind { addr, source })?;
-        Ok(Server { listener, gateway })
+        let admin = listen(admin_addr).map_err(|source| StartError::Bind {
+            addr: admin_addr,
+            source,
+        })?;
+        Ok(Server {
+            listener,
+            admin,
+            gateway,
+            metrics,
+        })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    pub fn admin_addr(&self) -> std::io::Result<SocketAddr> {
+        self.admin.local_addr()
     }
 
     pub fn gateway(&self) -> &Arc<Gateway> {
@@ -88,19 +110,24 @@ impl Server {
     }
 
     /// Accepts until the drain begins (plus `shutdown_delay`), then waits for connections to
-    /// finish, up to `drain_timeout` (or a second signal), and returns.
+    /// finish, up to `drain_timeout` (or a second signal), and returns. The admin listener
+    /// answers until then.
     pub async fn run(self) {
-        let Server { listener, gateway } = self;
+        let Server {
+            listener,
+            admin,
+            gateway,
+            metrics,
+        } = self;
         let tracker = TaskTracker::new();
         let shutdown = gateway.shutdown.clone();
-        let pruner = {
-            let gateway = gateway.clone();
-            let interval = gateway.config.limits.prune_interval;
-            tokio::spawn(async move {
-                let stop = gateway.shutdown.force.clone();
-                gateway.admission.prune_every(interval, stop).await
-            })
-        };
+        let stopped = CancellationToken::new();
+        let background = tokio::spawn(background(
+            gateway.clone(),
+            metrics.clone(),
+            admin,
+            stopped.clone(),
+        ));
         let delay = gateway.config.server.shutdown_delay;
         let stop_accepting = async {
             shutdown.drain.cancelled().await;
@@ -126,9 +153,41 @@ impl Server {
         }
         shutdown.force.cancel();
         let _ = tokio::time::timeout(FORCE_GRACE, tracker.wait()).await;
-        let _ = pruner.await;
+        stopped.cancel();
+        let _ = background.await;
         tracing::info!("drained");
     }
+}
+
+/// The admin listener, limiter pruning and metric upkeep, until `stop`.
+async fn background(
+    gateway: Arc<Gateway>,
+    metrics: PrometheusHandle,
+    admin: TcpListener,
+    stop: CancellationToken,
+) {
+    let admin_task = tokio::spawn(crate::admin::serve(
+        admin,
+        gateway.clone(),
+        metrics.clone(),
+        stop.clone(),
+    ));
+    let interval = gateway.config.limits.prune_interval;
+    let pruning = gateway.admission.prune_every(interval, stop.clone());
+    let upkeep = async {
+        let mut tick = tokio::time::interval(UPKEEP_INTERVAL);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    crate::metrics::flush_security_log();
+                    metrics.run_upkeep();
+                }
+                _ = stop.cancelled() => return,
+            }
+        }
+    };
+    tokio::join!(pruning, upkeep);
+    let _ = admin_task.await;
 }
 
 /// A listener with `SO_REUSEADDR` (restart while old connections sit in TIME_WAIT) and a

@@ -18,10 +18,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admission::normalize_ip;
 use crate::auth::{certificate_identity, AuthMethod, Principal};
-use crate::codec::{Message, MessageCodec, TooLarge};
+use crate::codec::{Framing, Message, MessageCodec, TooLarge};
 use crate::command::{self, After, Context, Reply, Request};
 use crate::config::AuthMode;
-use crate::error::{CloseReason, ErrorCode};
+use crate::error::{CloseReason, ErrorCode, SecurityEvent};
 use crate::metrics::{self, HandshakeResult};
 use crate::server::Gateway;
 
@@ -47,7 +47,7 @@ pub async fn run(stream: TcpStream, peer: SocketAddr, gateway: Arc<Gateway>) {
     let admission = &gateway.admission;
     let _connection = match admission.admit_connection() {
         Ok(guard) => guard,
-        Err(reason) => return refuse(stream, peer.ip(), reason),
+        Err(reason) => return refuse(stream, normalize_ip(peer.ip()), reason),
     };
     let ip = normalize_ip(peer.ip());
     let client = match admission.admit_client(ip) {
@@ -66,8 +66,7 @@ pub async fn run(stream: TcpStream, peer: SocketAddr, gateway: Arc<Gateway>) {
 /// Closes a refused connection at once, with a reset (no TIME_WAIT left on the gateway),
 /// before a byte of TLS.
 fn refuse(stream: TcpStream, ip: IpAddr, reason: crate::error::RejectReason) {
-    metrics::connection_rejected(reason);
-    tracing::debug!(%ip, reason = reason.as_str(), "connection refused");
+    metrics::connection_rejected(reason, ip);
     let _ = stream.set_zero_linger();
 }
 
@@ -78,7 +77,7 @@ async fn serve(
     banned: &CancellationToken,
     gateway: &Gateway,
 ) -> CloseReason {
-    let handshake = handshake(stream, gateway).await;
+    let handshake = handshake(stream, ip, gateway).await;
     drop(handshake_permit);
     let (tls, principal) = match handshake {
         Ok(done) => done,
@@ -127,12 +126,18 @@ async fn serve(
 /// A verified client certificate yields a principal, unless `auth.mode` is `token`.
 async fn handshake(
     stream: TcpStream,
+    ip: IpAddr,
     gateway: &Gateway,
 ) -> Result<(TlsStream<TcpStream>, Option<Principal>), CloseReason> {
     let started = Instant::now();
     let deadline = started + gateway.config.limits.handshake_timeout;
     let timed_out = || {
         metrics::handshake(HandshakeResult::Timeout, "none", started.elapsed());
+        metrics::security_event(
+            SecurityEvent::HandshakeTimeout,
+            ip,
+            "TLS handshake not finished in time",
+        );
         CloseReason::HandshakeTimeout
     };
     let mut first_byte = [0u8; 1];
@@ -154,7 +159,8 @@ async fn handshake(
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             metrics::handshake(HandshakeResult::Failed, "none", started.elapsed());
-            tracing::debug!(error = %e, "TLS handshake failed");
+            metrics::security_event(SecurityEvent::HandshakeFailed, ip, "TLS handshake failed");
+            tracing::debug!(%ip, error = %e, "TLS handshake failed");
             return Err(CloseReason::HandshakeFailed);
         }
         Err(_) => return Err(timed_out()),
@@ -229,7 +235,11 @@ impl Session<'_> {
                 Step::TooLarge(too_large) => return self.refuse_too_large(rd, wr, too_large).await,
             }
             if self.wbuf.len() > limits.max_write_buffer_bytes {
-                tracing::debug!(ip = %self.ip, "client does not read its replies: cut off");
+                metrics::security_event(
+                    SecurityEvent::WriteOverflow,
+                    self.ip,
+                    "client does not read its replies",
+                );
                 return CloseReason::WriteOverflow;
             }
             if draining && self.rbuf.is_empty() {
@@ -281,6 +291,11 @@ impl Session<'_> {
             };
             metrics::traffic("in", 1, bytes.len() as u64);
             if self.command_rate.check().is_err() {
+                metrics::security_event(
+                    SecurityEvent::CommandRateLimited,
+                    self.ip,
+                    "commands_per_second exceeded",
+                );
                 self.queue_reply(&Reply::Err(ErrorCode::RateLimited, "slow down").parts());
                 continue;
             }
@@ -288,6 +303,11 @@ impl Session<'_> {
                 After::Continue => {}
                 After::Close => return Step::Close(CloseReason::Quit),
                 After::AuthFailed => {
+                    metrics::security_event(
+                        SecurityEvent::AuthFailed,
+                        self.ip,
+                        "AUTH with an unknown token",
+                    );
                     if self.gateway.admission.record_auth_failure(self.ip) {
                         tracing::debug!(ip = %self.ip, "banned after repeated authentication failures");
                         return Step::Close(CloseReason::Banned);
@@ -309,11 +329,11 @@ impl Session<'_> {
             client_ip: self.ip,
             tls_version: self.tls_version,
             cipher: self.cipher,
-            framing: self.codec.framing().unwrap_or(crate::codec::Framing::Text),
+            framing: self.codec.framing().unwrap_or(Framing::Text),
         };
         let (reply, after) = command::apply(request, &mut ctx);
         self.queue_reply(&reply.parts());
-        metrics::command(verb.as_str(), reply.is_ok(), started.elapsed());
+        metrics::command(verb, reply.is_ok(), started.elapsed());
         after
     }
 
@@ -352,7 +372,11 @@ impl Session<'_> {
         wr: &mut Writer,
         too_large: TooLarge,
     ) -> CloseReason {
-        tracing::debug!(ip = %self.ip, cap = too_large.cap, framing = ?too_large.framing, "message over its cap");
+        let event = match too_large.framing {
+            Framing::Binary => SecurityEvent::OversizeFrame,
+            Framing::Text => SecurityEvent::OversizeLine,
+        };
+        metrics::security_event(event, self.ip, "message over its size cap");
         self.rbuf = BytesMut::new();
         let cap = too_large.cap.to_string();
         self.queue_reply(&[

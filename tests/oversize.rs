@@ -62,7 +62,7 @@ async fn first_frame_over_16_mib_is_read_as_text_and_refused() {
     // 0x01000000 = 16 MiB: the first byte is not 0x00, so this is a text "line" that never
     // ends; it is refused at the line cap.
     let mut bytes = vec![0x01, 0x00, 0x00, 0x00];
-    bytes.extend(std::iter::repeat(b'x').take(5000));
+    bytes.extend(std::iter::repeat_n(b'x', 5000));
     c.send(&bytes).await;
     assert_eq!(c.read_line().await, "ERR TOO_LARGE 4096");
     c.expect_closed().await;
@@ -89,7 +89,7 @@ async fn frame_one_over_the_cap_is_refused_and_at_the_cap_passes() {
 
     // Announce cap + 1 and send only part of it: the reply comes from the header alone.
     let mut over = ((cap + 1) as u32).to_be_bytes().to_vec();
-    over.extend(std::iter::repeat(0u8).take(1000));
+    over.extend(std::iter::repeat_n(0u8, 1000));
     c.send(&over).await;
     assert_eq!(
         c.read_frame().await,

@@ -7,26 +7,6 @@ use std::time::Duration;
 
 use support::*;
 
-fn write_config(certs: &TestCerts, extra: &str) -> std::path::PathBuf {
-    write_config_named(certs, "portcullis.toml", extra)
-}
-
-fn write_config_named(certs: &TestCerts, name: &str, extra: &str) -> std::path::PathBuf {
-    let p = &certs.paths;
-    let text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\ndrain_timeout = \"5s\"\n\
-         [tls]\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\n\
-         [[auth.tokens]]\nname = \"alice\"\nsha256 = \"{}\"\n{extra}",
-        p.server_cert,
-        p.server_key,
-        p.ca_cert,
-        portcullis::auth::token_digest_hex(ALICE_TOKEN),
-    );
-    let path = certs.dir.path().join(name);
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_in_flight_requests_closes_idle_ones_and_exits_0() {
     let certs = TestCerts::new();

@@ -65,6 +65,7 @@ pub fn test_config(certs: &TestCerts) -> Config {
 /// A gateway serving in the test's runtime.
 pub struct TestServer {
     pub addr: SocketAddr,
+    pub admin: SocketAddr,
     pub shutdown: Shutdown,
     pub gateway: Arc<Gateway>,
     pub task: tokio::task::JoinHandle<()>,
@@ -76,10 +77,12 @@ impl TestServer {
         let shutdown = Shutdown::new();
         let server = Server::bind(config, shutdown.clone()).expect("bind");
         let addr = server.local_addr().unwrap();
+        let admin = server.admin_addr().unwrap();
         let gateway = server.gateway().clone();
         let task = tokio::spawn(server.run());
         TestServer {
             addr,
+            admin,
             shutdown,
             gateway,
             task,
@@ -278,6 +281,7 @@ pub fn frame(payload: &[u8]) -> Vec<u8> {
 pub struct Process {
     pub child: std::process::Child,
     pub addr: SocketAddr,
+    pub admin: SocketAddr,
     stdout: Arc<std::sync::Mutex<String>>,
     stderr: Arc<std::sync::Mutex<String>>,
 }
@@ -308,20 +312,22 @@ impl Process {
         std::thread::spawn(move || {
             let mut line = String::new();
             while err.read_line(&mut line).unwrap_or(0) > 0 {
-                if let Some(addr) = line.split("listen=").nth(1) {
-                    let addr = addr
-                        .split_whitespace()
-                        .next()
-                        .unwrap_or("")
-                        .trim_matches('"');
-                    let _ = tx.send(addr.to_string());
+                let field = |name: &str| {
+                    let value = line.split(name).nth(1)?.split_whitespace().next()?;
+                    Some(value.trim_matches('"').to_string())
+                };
+                if let (Some(listen), Some(admin)) = (field("listen="), field("admin=")) {
+                    let _ = tx.send((listen, admin));
                 }
                 sink.lock().unwrap().push_str(&line);
                 line.clear();
             }
         });
-        let addr = match rx.recv_timeout(Duration::from_secs(20)) {
-            Ok(addr) => addr.parse().expect("listen address"),
+        let (addr, admin) = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok((listen, admin)) => (
+                listen.parse().expect("listen address"),
+                admin.parse().expect("admin address"),
+            ),
             Err(_) => {
                 let _ = child.kill();
                 panic!("portcullis did not start: {}", stderr.lock().unwrap());
@@ -340,6 +346,7 @@ impl Process {
         Process {
             child,
             addr,
+            admin,
             stdout,
             stderr,
         }
@@ -391,4 +398,83 @@ impl Drop for Process {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A plain HTTP/1.1 GET (the admin endpoints, Prometheus' API): status and body.
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut tcp = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        tcp,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = Vec::new();
+    tcp.read_to_end(&mut response)?;
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    Ok((status, body))
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let size = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if size == 0 || rest.len() < size {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        body = rest[size..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// The value of one sample line (`name{labels} value`) in a Prometheus text scrape; 0 when
+/// the series is absent.
+pub fn sample(scrape: &str, series: &str) -> f64 {
+    scrape
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}
+
+/// Writes a config file for a spawned gateway: loopback port 0, the test certificates,
+/// alice's token, and `extra` TOML appended.
+pub fn write_config(certs: &TestCerts, extra: &str) -> std::path::PathBuf {
+    write_config_named(certs, "portcullis.toml", extra)
+}
+
+pub fn write_config_named(certs: &TestCerts, name: &str, extra: &str) -> std::path::PathBuf {
+    let p = &certs.paths;
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\ndrain_timeout = \"5s\"\n\
+         [tls]\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\n\
+         [[auth.tokens]]\nname = \"alice\"\nsha256 = \"{}\"\n{extra}",
+        p.server_cert,
+        p.server_key,
+        p.ca_cert,
+        portcullis::auth::token_digest_hex(ALICE_TOKEN),
+    );
+    let path = certs.dir.path().join(name);
+    std::fs::write(&path, text).unwrap();
+    path
 }
