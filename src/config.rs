@@ -60,6 +60,9 @@ pub struct Config {
     pub proxy_protocol: ProxyProtocolSection,
     pub admin: AdminSection,
     pub log: LogSection,
+    /// The file this configuration was read from: reloads read its tokens again.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -354,6 +357,7 @@ impl Config {
         if let Some(dir) = path.and_then(Path::parent) {
             config.resolve_paths(dir);
         }
+        config.source = path.map(Path::to_path_buf);
         config.validate()?;
         Ok(config)
     }

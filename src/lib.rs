@@ -6,8 +6,10 @@
 //!
 //! 1. [`server`] binds and accepts; the accept loop never dies, and shutdown drains
 //!    connections up to a deadline ([`shutdown`] turns signals into cancellation).
-//! 2. [`admission`] decides, before any TLS work and at the cost of an accept and a close,
-//!    whether the client may connect at all: the one place a connection is admitted.
+//! 2. [`proxy_protocol`] reads a trusted load balancer's PROXY header to learn the real
+//!    client address; [`admission`] then decides, before any TLS work and at the cost of an
+//!    accept and a close, whether that client may connect at all: the one place a
+//!    connection is admitted.
 //! 3. [`tls`] holds the rustls configuration (hot-swappable); [`session`] runs the handshake
 //!    under a timeout and then the connection itself.
 //! 4. [`codec`] splits the byte stream into binary frames or text lines, refusing any
@@ -18,7 +20,8 @@
 //!    serves `/metrics`, `/healthz` and `/readyz`; [`error`] holds the closed sets that
 //!    become labels.
 //!
-//! [`config`] is the typed configuration and [`bootstrap`] the development set-up.
+//! [`config`] is the typed configuration, [`reload`] swaps certificates and tokens on
+//! SIGHUP, and [`bootstrap`] is the development set-up.
 
 pub mod admin;
 pub mod admission;
@@ -29,6 +32,8 @@ pub mod command;
 pub mod config;
 pub mod error;
 pub mod metrics;
+pub mod proxy_protocol;
+pub mod reload;
 pub mod server;
 pub mod session;
 pub mod shutdown;

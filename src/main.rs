@@ -48,6 +48,12 @@ enum Command {
     },
     /// Validate the configuration, print the effective one, exit 0 (valid) or 1.
     CheckConfig,
+    /// Exit 0 when the admin /healthz answers 200 (for Docker's HEALTHCHECK).
+    Healthcheck {
+        /// Default: the configured admin address, else http://127.0.0.1:9464/healthz.
+        #[arg(long)]
+        url: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -93,6 +99,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(cli.config, &flags),
         Command::CheckConfig => check_config(cli.config, &flags),
+        Command::Healthcheck { url } => Ok(healthcheck(url, cli.config, &flags)),
         Command::Certs {
             command: CertsCommand::Generate { out, sans },
         } => {
@@ -156,6 +163,66 @@ fn check_config(path: Option<PathBuf>, flags: &FlagOverrides) -> anyhow::Result<
             Ok(ExitCode::FAILURE)
         }
     }
+}
+
+/// How long a health check may take before it counts as failed.
+const HEALTHCHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
+fn healthcheck(url: Option<String>, config: Option<PathBuf>, flags: &FlagOverrides) -> ExitCode {
+    let url = url.unwrap_or_else(|| {
+        let admin = config_path(config)
+            .and_then(|path| Config::load(Some(&path), std::env::vars(), flags).ok())
+            .map(|c| c.admin.listen);
+        match admin {
+            Some(addr) if addr.ip().is_unspecified() => {
+                format!("http://127.0.0.1:{}/healthz", addr.port())
+            }
+            Some(addr) => format!("http://{addr}/healthz"),
+            None => "http://127.0.0.1:9464/healthz".to_string(),
+        }
+    });
+    match http_status(&url) {
+        Ok(200) => ExitCode::SUCCESS,
+        Ok(status) => {
+            eprintln!("healthcheck: {url} answered {status}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("healthcheck: {url}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The status code of a plain-HTTP GET: enough for a health check in an image that has no
+/// curl and no shell.
+fn http_status(url: &str) -> anyhow::Result<u16> {
+    use std::io::{Read, Write};
+    use std::net::ToSocketAddrs;
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| anyhow::anyhow!("only http:// URLs are supported"))?;
+    let (authority, path) = rest
+        .split_once('/')
+        .map_or((rest, "/".to_string()), |(a, p)| (a, format!("/{p}")));
+    let addr = authority
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("{authority} does not resolve"))?;
+    let mut tcp = std::net::TcpStream::connect_timeout(&addr, HEALTHCHECK_TIMEOUT)?;
+    tcp.set_read_timeout(Some(HEALTHCHECK_TIMEOUT))?;
+    tcp.set_write_timeout(Some(HEALTHCHECK_TIMEOUT))?;
+    write!(
+        tcp,
+        "GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut head = [0u8; 64];
+    let n = tcp.read(&mut head)?;
+    let line = String::from_utf8_lossy(&head[..n]);
+    line.split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("not an HTTP response"))
 }
 
 fn serve(explicit: Option<PathBuf>, flags: &FlagOverrides) -> anyhow::Result<ExitCode> {

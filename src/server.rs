@@ -15,6 +15,7 @@ use tokio_util::task::TaskTracker;
 use crate::admission::Admission;
 use crate::auth::TokenStore;
 use crate::config::Config;
+use crate::proxy_protocol::ProxySettings;
 use crate::shutdown::Shutdown;
 use crate::tls::{TlsMaterial, TlsSettings, TlsState};
 
@@ -49,6 +50,8 @@ pub struct Gateway {
     /// Swapped whole on reload; a connection reads it per `AUTH`.
     pub tokens: ArcSwap<TokenStore>,
     pub admission: Admission,
+    /// Which peers' PROXY headers are read, and how.
+    pub proxy: ProxySettings,
     pub shutdown: Shutdown,
 }
 
@@ -63,9 +66,54 @@ impl Gateway {
             tls: TlsState::new(settings, &material),
             tokens: ArcSwap::from_pointee(tokens),
             admission: Admission::new(&config),
+            proxy: ProxySettings::new(&config.proxy_protocol),
             config,
             shutdown,
         })
+    }
+}
+
+/// Why a reload failed; the old material stays in use.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Tokens(#[from] crate::auth::BadDigest),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+}
+
+impl Gateway {
+    /// Reloads the certificate, key, client CA and (when the configuration came from a
+    /// file) the token list, all or nothing. Counted in `portcullis_cert_reloads_total`.
+    pub fn reload(&self) -> Result<(), ReloadError> {
+        let result = self.try_reload();
+        crate::metrics::cert_reload(result.is_ok());
+        match &result {
+            Ok(()) => tracing::info!("reloaded certificate, client CA and tokens"),
+            Err(e) => {
+                tracing::error!(error = %e, "reload failed; still serving the previous material")
+            }
+        }
+        result
+    }
+
+    fn try_reload(&self) -> Result<(), ReloadError> {
+        let tokens = match &self.config.source {
+            Some(path) => {
+                let fresh = Config::load(Some(path), std::env::vars(), &Default::default())?;
+                Some(TokenStore::from_entries(&fresh.auth.tokens)?)
+            }
+            None => None,
+        };
+        let material = self.tls.reload()?;
+        crate::metrics::cert_not_after(material.not_after);
+        tracing::info!(serial = %material.serial, "serving certificate");
+        if let Some(tokens) = tokens {
+            self.tokens.store(Arc::new(tokens));
+        }
+        Ok(())
     }
 }
 
@@ -159,7 +207,7 @@ impl Server {
     }
 }
 
-/// The admin listener, limiter pruning and metric upkeep, until `stop`.
+/// The admin listener, limiter pruning, metric upkeep and reloads, until `stop`.
 async fn background(
     gateway: Arc<Gateway>,
     metrics: PrometheusHandle,
@@ -186,7 +234,8 @@ async fn background(
             }
         }
     };
-    tokio::join!(pruning, upkeep);
+    let reloads = crate::reload::watch(&gateway, stop.clone());
+    tokio::join!(pruning, upkeep, reloads);
     let _ = admin_task.await;
 }
 

@@ -23,6 +23,7 @@ use crate::command::{self, After, Context, Reply, Request};
 use crate::config::AuthMode;
 use crate::error::{CloseReason, ErrorCode, SecurityEvent};
 use crate::metrics::{self, HandshakeResult};
+use crate::proxy_protocol::{self, Outcome, Rewind};
 use crate::server::Gateway;
 
 /// How long a graceful close (pending replies, close_notify) may take before the socket is
@@ -38,8 +39,8 @@ const READ_CHUNK: usize = 8 * 1024;
 /// that once carried a large frame does not keep its memory while idle.
 const KEEP_BUFFER_BYTES: usize = 16 * 1024;
 
-type Reader = ReadHalf<TlsStream<TcpStream>>;
-type Writer = WriteHalf<TlsStream<TcpStream>>;
+type Reader = ReadHalf<TlsStream<Rewind>>;
+type Writer = WriteHalf<TlsStream<Rewind>>;
 
 /// Serves one accepted TCP connection until it closes.
 pub async fn run(stream: TcpStream, peer: SocketAddr, gateway: Arc<Gateway>) {
@@ -47,31 +48,37 @@ pub async fn run(stream: TcpStream, peer: SocketAddr, gateway: Arc<Gateway>) {
     let admission = &gateway.admission;
     let _connection = match admission.admit_connection() {
         Ok(guard) => guard,
-        Err(reason) => return refuse(stream, normalize_ip(peer.ip()), reason),
+        Err(reason) => return refuse(&stream, normalize_ip(peer.ip()), reason),
     };
-    let ip = normalize_ip(peer.ip());
+    let mut io = Rewind::new(stream);
+    let socket_ip = normalize_ip(peer.ip());
+    let ip = match gateway.proxy.accept(&mut io, socket_ip).await {
+        Outcome::Client(ip) => ip,
+        Outcome::Closed => return,
+        Outcome::Refused(reason) => return refuse(io.tcp(), socket_ip, reason),
+    };
     let client = match admission.admit_client(ip) {
         Ok(guard) => guard,
-        Err(reason) => return refuse(stream, ip, reason),
+        Err(reason) => return refuse(io.tcp(), ip, reason),
     };
     let handshake_permit = match admission.admit_handshake() {
         Ok(permit) => permit,
-        Err(reason) => return refuse(stream, ip, reason),
+        Err(reason) => return refuse(io.tcp(), ip, reason),
     };
-    let reason = serve(stream, ip, handshake_permit, &client.banned, &gateway).await;
+    let reason = serve(io, ip, handshake_permit, &client.banned, &gateway).await;
     metrics::connection_closed(reason);
     tracing::debug!(%ip, reason = reason.as_str(), "connection closed");
 }
 
 /// Closes a refused connection at once, with a reset (no TIME_WAIT left on the gateway),
 /// before a byte of TLS.
-fn refuse(stream: TcpStream, ip: IpAddr, reason: crate::error::RejectReason) {
+fn refuse(stream: &TcpStream, ip: IpAddr, reason: crate::error::RejectReason) {
     metrics::connection_rejected(reason, ip);
     let _ = stream.set_zero_linger();
 }
 
 async fn serve(
-    stream: TcpStream,
+    stream: Rewind,
     ip: IpAddr,
     handshake_permit: tokio::sync::OwnedSemaphorePermit,
     banned: &CancellationToken,
@@ -125,10 +132,10 @@ async fn serve(
 /// check — is closed quietly), then runs the TLS handshake, all within `handshake_timeout`.
 /// A verified client certificate yields a principal, unless `auth.mode` is `token`.
 async fn handshake(
-    stream: TcpStream,
+    stream: Rewind,
     ip: IpAddr,
     gateway: &Gateway,
-) -> Result<(TlsStream<TcpStream>, Option<Principal>), CloseReason> {
+) -> Result<(TlsStream<Rewind>, Option<Principal>), CloseReason> {
     let started = Instant::now();
     let deadline = started + gateway.config.limits.handshake_timeout;
     let timed_out = || {
@@ -140,13 +147,21 @@ async fn handshake(
         );
         CloseReason::HandshakeTimeout
     };
-    let mut first_byte = [0u8; 1];
+    let mut first_bytes = [0u8; 6];
     let first = tokio::select! {
-        r = timeout_at(deadline, stream.peek(&mut first_byte)) => r,
+        r = timeout_at(deadline, stream.peek(&mut first_bytes)) => r,
         _ = gateway.shutdown.force.cancelled() => return Err(CloseReason::Shutdown),
     };
     match first {
         Ok(Ok(0)) => return Err(CloseReason::ClientClose),
+        Ok(Ok(n)) if proxy_protocol::looks_like_header(&first_bytes[..n]) => {
+            metrics::security_event(
+                SecurityEvent::UntrustedProxyHeader,
+                ip,
+                "PROXY header from an untrusted peer",
+            );
+            return Err(CloseReason::ProtocolError);
+        }
         Ok(Ok(_)) => {}
         Ok(Err(_)) => return Err(CloseReason::IoError),
         Err(_) => return Err(timed_out()),

@@ -141,11 +141,24 @@ impl TlsState {
         TlsAcceptor::from(self.current.load_full())
     }
 
-    /// Loads the files again; on success the new configuration serves new handshakes.
+    /// Loads the files again; on success the new configuration serves new handshakes,
+    /// while established connections keep the one they started with.
     pub fn reload(&self) -> Result<TlsMaterial, TlsError> {
         let material = TlsMaterial::load(&self.settings)?;
         self.current.store(material.server_config.clone());
         Ok(material)
+    }
+
+    /// A fingerprint of the watched files (size and modification time), to notice changes.
+    pub fn files_fingerprint(&self) -> Vec<Option<(u64, std::time::SystemTime)>> {
+        self.settings
+            .watched_files()
+            .into_iter()
+            .map(|path| {
+                let meta = std::fs::metadata(path).ok()?;
+                Some((meta.len(), meta.modified().ok()?))
+            })
+            .collect()
     }
 
     pub fn settings(&self) -> &TlsSettings {
