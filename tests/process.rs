@@ -274,3 +274,35 @@ async fn accept_loop_survives_running_out_of_file_descriptors() {
         gateway.stderr()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthcheck_command_reports_the_admin_endpoint() {
+    let certs = TestCerts::new();
+    let config = write_config(&certs, "");
+    let gateway = Process::spawn(
+        certs.dir.path(),
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--admin-listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let run = |url: String| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .args(["healthcheck", "--url", &url])
+            .output()
+            .unwrap()
+    };
+    let ok = run(format!("http://{}/healthz", gateway.admin));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let not_found = run(format!("http://{}/nope", gateway.admin));
+    assert_eq!(not_found.status.code(), Some(1));
+    drop(gateway);
+    let down = run("http://127.0.0.1:1/healthz".to_string());
+    assert_eq!(down.status.code(), Some(1));
+}
