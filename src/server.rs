@@ -189,6 +189,7 @@ impl Server {
             _ = stop_accepting => {}
         }
         drop(listener);
+        shutdown.closing.cancel();
         tracker.close();
         tracing::info!(connections = tracker.len(), "listener closed; draining");
         let drain_timeout = gateway.config.server.drain_timeout;

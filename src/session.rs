@@ -282,7 +282,7 @@ impl Session<'_> {
                     }
                 }
                 _ = sleep_until(deadline) => return self.close(wr, expired).await,
-                _ = shutdown.drain.cancelled(), if !draining => draining = true,
+                _ = shutdown.closing.cancelled(), if !draining => draining = true,
             }
         }
     }

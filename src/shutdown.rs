@@ -1,14 +1,19 @@
 //! Signals → cancellation tokens. The first SIGTERM/SIGINT starts the drain; a second skips
-//! the wait. Connections watch `drain` and `force`; the server waits on its task tracker.
+//! the wait. The stages, in order: `drain` (readiness turns 503, everything else goes on as
+//! before for `shutdown_delay`), `closing` (the listener closes, idle connections are closed,
+//! in-flight requests finish), `force` (at `drain_timeout` or a second signal: close all).
 
 use tokio_util::sync::CancellationToken;
 
 /// The two stages of shutdown.
 #[derive(Debug, Clone, Default)]
 pub struct Shutdown {
-    /// Cancelled when the drain begins: stop accepting (after `shutdown_delay`), close idle
-    /// connections, finish in-flight requests.
+    /// Cancelled when the drain begins: `/readyz` answers 503 so that load balancers stop
+    /// sending, while new connections are still served for `shutdown_delay`.
     pub drain: CancellationToken,
+    /// Cancelled when `shutdown_delay` is over: the listener closes, connections waiting
+    /// for a request are closed, requests in flight finish.
+    pub closing: CancellationToken,
     /// Cancelled when the drain deadline passes or a second signal arrives: close everything.
     pub force: CancellationToken,
 }

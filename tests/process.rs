@@ -306,3 +306,38 @@ async fn healthcheck_command_reports_the_admin_endpoint() {
     let down = run("http://127.0.0.1:1/healthz".to_string());
     assert_eq!(down.status.code(), Some(1));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_delay_keeps_serving_new_connections_with_readyz_503() {
+    let certs = TestCerts::new();
+    let config = write_config(&certs, "");
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"));
+    command
+        .args([
+            "--config",
+            config.to_str().unwrap(),
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .env("PORTCULLIS_SERVER_SHUTDOWN_DELAY", "1500ms");
+    let mut gateway = Process::spawn_command(command);
+    gateway.signal(libc::SIGTERM);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let admin = gateway.admin;
+    let ready = tokio::task::spawn_blocking(move || http_get(admin, "/readyz").unwrap().0)
+        .await
+        .unwrap();
+    assert_eq!(ready, 503);
+    // Within the delay a new connection is served as usual, request after request.
+    let mut late = Client::authed(gateway.addr, &certs).await;
+    for _ in 0..3 {
+        assert_eq!(late.request_line("PING").await, "OK PONG");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // After it, the idle connection is closed and the process exits 0.
+    late.expect_closed().await;
+    let status = tokio::task::spawn_blocking(move || gateway.wait_exit(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert!(status.success());
+}

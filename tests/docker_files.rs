@@ -1,0 +1,513 @@
+//! The deployment files in `docker/`, checked without a container engine: the compose file
+//! mounts what the Dockerfile expects, the image holds no config or certificates and runs
+//! as non-root, HAProxy and promtool accept their configurations, and the replicas' config
+//! passes `portcullis check-config` with generated certificates.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn docker_dir() -> PathBuf {
+    root().join("docker")
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn show(out: &Output) -> String {
+    format!(
+        "status {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// One Dockerfile instruction: keyword (upper case) and its arguments, continuation lines
+/// joined and comments dropped.
+#[derive(Debug)]
+struct Instruction {
+    keyword: String,
+    args: String,
+}
+
+/// The Dockerfile's stages, each a list of instructions starting with its `FROM`.
+fn dockerfile_stages() -> Vec<Vec<Instruction>> {
+    let text = read(&docker_dir().join("Dockerfile"));
+    let mut stages: Vec<Vec<Instruction>> = Vec::new();
+    let mut pending = String::new();
+    for line in text.lines() {
+        let trimmed = line.trim();
+        if trimmed.starts_with('#') || (trimmed.is_empty() && pending.is_empty()) {
+            continue;
+        }
+        if let Some(head) = trimmed.strip_suffix('\\') {
+            pending.push_str(head);
+            pending.push(' ');
+            continue;
+        }
+        pending.push_str(trimmed);
+        let full = std::mem::take(&mut pending);
+        let (keyword, args) = full.split_once(char::is_whitespace).unwrap_or((&full, ""));
+        let instruction = Instruction {
+            keyword: keyword.to_ascii_uppercase(),
+            args: args.trim().to_string(),
+        };
+        if instruction.keyword == "FROM" {
+            stages.push(Vec::new());
+        }
+        stages
+            .last_mut()
+            .expect("the Dockerfile starts with FROM")
+            .push(instruction);
+    }
+    assert!(pending.is_empty(), "dangling line continuation");
+    stages
+}
+
+/// The strings of a JSON-array (exec form) instruction argument such as
+/// `["serve", "--config", "/etc/x.toml"]`.
+fn exec_form(args: &str) -> Vec<String> {
+    let inner = args
+        .trim()
+        .strip_prefix('[')
+        .and_then(|s| s.strip_suffix(']'))
+        .unwrap_or_else(|| panic!("not exec form: {args}"));
+    inner
+        .split(',')
+        .map(|s| s.trim().trim_matches('"').to_string())
+        .collect()
+}
+
+/// The compose file's services, each as its raw lines (indentation kept), by name.
+fn compose_services() -> BTreeMap<String, Vec<String>> {
+    let text = read(&docker_dir().join("compose.yaml"));
+    let mut services = BTreeMap::new();
+    let mut in_services = false;
+    let mut current: Option<String> = None;
+    for line in text.lines() {
+        if line.trim().is_empty() || line.trim_start().starts_with('#') {
+            continue;
+        }
+        let indent = line.len() - line.trim_start().len();
+        if indent == 0 {
+            in_services = line.trim_end() == "services:";
+            current = None;
+            continue;
+        }
+        if !in_services {
+            continue;
+        }
+        if indent == 2 {
+            let name = line.trim().trim_end_matches(':').to_string();
+            services.insert(name.clone(), Vec::new());
+            current = Some(name);
+        } else if let Some(name) = &current {
+            services.get_mut(name).unwrap().push(line.to_string());
+        }
+    }
+    services
+}
+
+/// A service's bind mounts as (source, target), from its `- SRC:TARGET[:ro]` lines.
+fn mounts(service: &[String]) -> Vec<(String, String)> {
+    service
+        .iter()
+        .filter_map(|l| l.trim().strip_prefix("- "))
+        .map(|v| v.trim_matches('"'))
+        .filter(|v| v.contains(":/"))
+        .map(|v| {
+            let mut parts = v.split(':');
+            let source = parts.next().unwrap().to_string();
+            let target = parts.next().unwrap().to_string();
+            (source, target)
+        })
+        .collect()
+}
+
+/// The value of `key:` in a service, if any line has it.
+fn value(service: &[String], key: &str) -> Option<String> {
+    service.iter().find_map(|l| {
+        l.trim()
+            .strip_prefix(key)
+            .and_then(|rest| rest.strip_prefix(':'))
+            .map(|v| v.trim().trim_matches('"').to_string())
+    })
+}
+
+fn seconds(duration: &str) -> u64 {
+    duration
+        .strip_suffix('s')
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("expected whole seconds such as \"5s\": {duration}"))
+}
+
+/// The string value of `key` in `[section]` of docker/portcullis.toml.
+fn toml_string(section: &str, key: &str) -> String {
+    let header = format!("[{section}]");
+    let mut in_section = false;
+    for line in read(&docker_dir().join("portcullis.toml")).lines() {
+        let line = line.split('#').next().unwrap().trim();
+        if line.starts_with('[') {
+            in_section = line == header;
+        } else if let Some((k, v)) = line.split_once('=') {
+            if in_section && k.trim() == key {
+                return v.trim().trim_matches('"').to_string();
+            }
+        }
+    }
+    panic!("docker/portcullis.toml has no {section}.{key}")
+}
+
+/// The port of `[admin] listen` in docker/portcullis.toml.
+fn admin_port() -> String {
+    let listen = toml_string("admin", "listen");
+    listen.rsplit(':').next().unwrap().to_string()
+}
+
+/// The replicas: the services built from docker/Dockerfile.
+fn replicas(services: &BTreeMap<String, Vec<String>>) -> Vec<(&String, &Vec<String>)> {
+    let replicas: Vec<_> = services
+        .iter()
+        .filter(|(_, lines)| value(lines, "dockerfile").as_deref() == Some("docker/Dockerfile"))
+        .collect();
+    assert!(replicas.len() >= 2, "expected two replicas: {services:?}");
+    replicas
+}
+
+fn config_path_in_cmd() -> String {
+    let stages = dockerfile_stages();
+    let runtime = stages.last().unwrap();
+    let cmd = runtime
+        .iter()
+        .find(|i| i.keyword == "CMD")
+        .expect("the runtime stage has a CMD");
+    let argv = exec_form(&cmd.args);
+    let at = argv
+        .iter()
+        .position(|a| a == "--config")
+        .expect("CMD passes --config");
+    argv[at + 1].clone()
+}
+
+#[test]
+fn compose_mounts_the_files_in_docker_and_they_exist() {
+    let services = compose_services();
+    for (service, file, target) in [
+        (
+            "haproxy",
+            "./haproxy.cfg",
+            "/usr/local/etc/haproxy/haproxy.cfg",
+        ),
+        (
+            "prometheus",
+            "./prometheus.yml",
+            "/etc/prometheus/prometheus.yml",
+        ),
+    ] {
+        let lines = services
+            .get(service)
+            .unwrap_or_else(|| panic!("no service {service}"));
+        assert!(
+            mounts(lines).contains(&(file.to_string(), target.to_string())),
+            "{service} mounts {file} at {target}: {:?}",
+            mounts(lines)
+        );
+        assert!(docker_dir().join(file).is_file(), "docker/{file} exists");
+    }
+    for (name, lines) in replicas(&services) {
+        let m = mounts(lines);
+        assert!(
+            m.iter().any(|(source, _)| source == "./portcullis.toml"),
+            "{name} mounts ./portcullis.toml: {m:?}"
+        );
+        assert!(
+            value(lines, "ports").is_none(),
+            "{name} publishes no port: only HAProxy is reachable from outside"
+        );
+    }
+    assert!(docker_dir().join("portcullis.toml").is_file());
+}
+
+#[test]
+fn replicas_mount_the_config_where_the_image_cmd_reads_it() {
+    let config = config_path_in_cmd();
+    assert_eq!(config, "/etc/portcullis/portcullis.toml");
+    let config_dir = Path::new(&config).parent().unwrap().to_str().unwrap();
+    let certs_target = format!("{config_dir}/certs");
+    let services = compose_services();
+    for (name, lines) in replicas(&services) {
+        let m = mounts(lines);
+        assert!(
+            m.contains(&("./portcullis.toml".to_string(), config.clone())),
+            "{name} mounts ./portcullis.toml at {config}: {m:?}"
+        );
+        // tls.cert = "certs/server.pem" resolves against the config file's folder.
+        assert!(
+            m.iter().any(|(_, target)| *target == certs_target),
+            "{name} mounts the certificates at {certs_target}: {m:?}"
+        );
+        assert_eq!(value(lines, "image").as_deref(), Some("portcullis:latest"));
+        assert_eq!(value(lines, "context").as_deref(), Some(".."));
+    }
+    assert!(toml_string("tls", "cert").starts_with("certs/"));
+    assert!(toml_string("tls", "key").starts_with("certs/"));
+}
+
+#[test]
+fn stop_grace_period_outlasts_shutdown_delay_and_drain() {
+    let delay = seconds(&toml_string("server", "shutdown_delay"));
+    let drain = seconds(&toml_string("server", "drain_timeout"));
+    let services = compose_services();
+    for (name, lines) in replicas(&services) {
+        let grace = seconds(
+            &value(lines, "stop_grace_period")
+                .unwrap_or_else(|| panic!("{name} sets stop_grace_period")),
+        );
+        assert!(
+            grace > delay + drain,
+            "{name}: stop_grace_period {grace}s <= shutdown_delay {delay}s + drain_timeout {drain}s"
+        );
+    }
+}
+
+#[test]
+fn dockerfile_runtime_is_non_root_with_healthcheck_and_ports() {
+    let stages = dockerfile_stages();
+    assert!(stages.len() >= 2, "multi-stage build");
+    let runtime = stages.last().unwrap();
+    let user = runtime
+        .iter()
+        .rev()
+        .find(|i| i.keyword == "USER")
+        .expect("the runtime stage sets USER");
+    let uid = user.args.split(':').next().unwrap();
+    assert!(
+        uid != "root" && uid != "0",
+        "runtime USER is not root: {}",
+        user.args
+    );
+
+    let exposed: Vec<&str> = runtime
+        .iter()
+        .filter(|i| i.keyword == "EXPOSE")
+        .flat_map(|i| i.args.split_whitespace())
+        .collect();
+    for port in ["8443", "9464"] {
+        assert!(exposed.contains(&port), "EXPOSE {port}: {exposed:?}");
+    }
+
+    let health = runtime
+        .iter()
+        .find(|i| i.keyword == "HEALTHCHECK")
+        .expect("the runtime stage has a HEALTHCHECK");
+    let cmd = health.args.split_once("CMD").expect("HEALTHCHECK CMD").1;
+    let argv = exec_form(cmd);
+    assert_eq!(argv[0], "/usr/local/bin/portcullis");
+    assert_eq!(argv[1], "healthcheck");
+    let url = argv
+        .iter()
+        .position(|a| a == "--url")
+        .map(|at| argv[at + 1].clone())
+        .expect("healthcheck --url");
+    assert_eq!(url, format!("http://127.0.0.1:{}/healthz", admin_port()));
+
+    let entrypoint = runtime
+        .iter()
+        .find(|i| i.keyword == "ENTRYPOINT")
+        .expect("ENTRYPOINT");
+    assert_eq!(exec_form(&entrypoint.args), ["/usr/local/bin/portcullis"]);
+}
+
+#[test]
+fn dockerfile_builds_locked_and_copies_no_config_or_certs() {
+    let stages = dockerfile_stages();
+    let builds: Vec<&Instruction> = stages
+        .iter()
+        .flatten()
+        .filter(|i| i.keyword == "RUN" && i.args.contains("cargo build"))
+        .collect();
+    assert!(!builds.is_empty(), "the builder runs cargo build");
+    for build in &builds {
+        for command in build.args.split("&&") {
+            if command.contains("cargo build") {
+                assert!(
+                    command.contains("--release") && command.contains("--locked"),
+                    "cargo build --release --locked: {command}"
+                );
+            }
+        }
+    }
+
+    for instruction in stages.iter().flatten() {
+        if !matches!(instruction.keyword.as_str(), "COPY" | "ADD") {
+            continue;
+        }
+        let words: Vec<&str> = instruction
+            .args
+            .split_whitespace()
+            .filter(|w| !w.starts_with("--"))
+            .collect();
+        let from_stage = instruction.args.contains("--from=");
+        for word in &words {
+            assert!(
+                !word.contains("portcullis.toml")
+                    && !word.contains("certs")
+                    && !word.ends_with(".pem")
+                    && !word.ends_with(".key"),
+                "the image never holds config or certificates: {} {}",
+                instruction.keyword,
+                instruction.args
+            );
+        }
+        // The build context is the repository root: every source copied from it exists.
+        if !from_stage {
+            for source in &words[..words.len() - 1] {
+                assert!(
+                    root().join(source).exists(),
+                    "COPY source {source} exists in the build context (the repository root)"
+                );
+            }
+        }
+    }
+
+    let ignore = read(&root().join(".dockerignore"));
+    let patterns: Vec<&str> = ignore
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| l.trim_start_matches('/').trim_end_matches('/'))
+        .collect();
+    for pattern in ["target", "certs/*", "portcullis.toml", ".git"] {
+        assert!(
+            patterns.contains(&pattern),
+            ".dockerignore has {pattern}: {patterns:?}"
+        );
+    }
+}
+
+fn haproxy_check(vars: &[(&str, &str)]) {
+    let cfg = docker_dir().join("haproxy.cfg");
+    let out = Command::new("haproxy")
+        .arg("-c")
+        .arg("-f")
+        .arg(&cfg)
+        .envs(vars.iter().copied())
+        .output()
+        .expect("haproxy is installed (.ci/run installs it)");
+    assert!(out.status.success(), "haproxy -c {vars:?}: {}", show(&out));
+}
+
+#[test]
+fn haproxy_accepts_the_config_on_loopback() {
+    haproxy_check(&[
+        ("HAPROXY_BIND", "127.0.0.1:18443"),
+        ("PORTCULLIS1_ADDR", "127.0.0.1:18444"),
+        ("PORTCULLIS1_ADMIN_PORT", "19464"),
+        ("PORTCULLIS2_ADDR", "127.0.0.1:18445"),
+        ("PORTCULLIS2_ADMIN_PORT", "19465"),
+    ]);
+}
+
+#[test]
+fn haproxy_accepts_the_config_with_the_compose_environment() {
+    // The values compose passes; the replicas' names do not resolve here, which the
+    // config tolerates (init-addr none: such a server is down until its name resolves).
+    let services = compose_services();
+    let haproxy = &services["haproxy"];
+    let text = read(&docker_dir().join("haproxy.cfg"));
+    let mut vars = Vec::new();
+    for var in [
+        "HAPROXY_BIND",
+        "PORTCULLIS1_ADDR",
+        "PORTCULLIS1_ADMIN_PORT",
+        "PORTCULLIS2_ADDR",
+        "PORTCULLIS2_ADMIN_PORT",
+    ] {
+        assert!(
+            text.contains(&format!("\"${{{var}}}\"")),
+            "haproxy.cfg uses {var}"
+        );
+        let v = value(haproxy, var).unwrap_or_else(|| panic!("compose sets {var} for haproxy"));
+        vars.push((var, v));
+    }
+    // Health checks go to the replicas' admin listener, which must listen beyond loopback.
+    for (var, v) in &vars {
+        if var.ends_with("_ADMIN_PORT") {
+            assert_eq!(*v, admin_port(), "{var} is the replicas' admin port");
+        }
+    }
+    let admin = toml_string("admin", "listen");
+    assert!(
+        !admin.starts_with("127.") && !admin.starts_with("[::1]"),
+        "admin.listen reaches beyond loopback: {admin}"
+    );
+    let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    haproxy_check(&vars);
+}
+
+#[test]
+fn promtool_accepts_the_prometheus_config() {
+    let cfg = docker_dir().join("prometheus.yml");
+    let out = Command::new("promtool")
+        .arg("check")
+        .arg("config")
+        .arg(&cfg)
+        .output()
+        .expect("promtool is installed (.ci/run installs the prometheus package)");
+    assert!(
+        out.status.success(),
+        "promtool check config: {}",
+        show(&out)
+    );
+    // Prometheus reaches each replica's admin listener on the compose network.
+    let text = read(&cfg);
+    let port = admin_port();
+    let services = compose_services();
+    for (name, _) in replicas(&services) {
+        assert!(
+            text.contains(&format!("{name}:{port}")),
+            "prometheus scrapes {name}:{port}"
+        );
+    }
+}
+
+#[test]
+fn replica_config_passes_check_config_with_generated_certs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bin = env!("CARGO_BIN_EXE_portcullis");
+    // No PORTCULLIS_* override from the environment running the tests.
+    let clean = |cmd: &mut Command| {
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("PORTCULLIS_") {
+                cmd.env_remove(key);
+            }
+        }
+    };
+
+    let mut generate = Command::new(bin);
+    generate
+        .args(["certs", "generate", "--out"])
+        .arg(tmp.path().join("certs"))
+        .current_dir(tmp.path());
+    clean(&mut generate);
+    let out = generate.output().unwrap();
+    assert!(out.status.success(), "certs generate: {}", show(&out));
+
+    let config = tmp.path().join("portcullis.toml");
+    std::fs::copy(docker_dir().join("portcullis.toml"), &config).unwrap();
+    let mut check = Command::new(bin);
+    check
+        .arg("check-config")
+        .arg("--config")
+        .arg(&config)
+        .current_dir(tmp.path());
+    clean(&mut check);
+    let out = check.output().unwrap();
+    assert!(out.status.success(), "check-config: {}", show(&out));
+}
