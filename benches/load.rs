@@ -1,0 +1,446 @@
+//! End-to-end load benchmark: a tokio-rustls client driving a TLS server with the
+//! scenarios below, each printing one machine-readable `key=value` line.
+//!
+//! * `handshake` — W workers loop: new TCP connection, full TLS 1.3 handshake (resumption
+//!   off), one ECHO, close. Handshakes/s, p50/p99.
+//! * `resume` — the same with session resumption (tickets) on.
+//! * `steady` — C persistent connections, ECHO of 64 bytes in a closed loop. Requests/s,
+//!   p50/p99/p99.9.
+//! * `idle` — N idle connections (each has completed one PING); the server's RSS per
+//!   connection (needs the server's pid).
+//! * `reject` — one source address floods new TCP connections; refusals/s, and the p99 of
+//!   a legitimate client's PING from another address meanwhile.
+//!
+//! `cargo bench --bench load` with no arguments starts the built `portcullis` itself (one
+//! worker thread, auth mode none) and runs every scenario briefly. Against another server
+//! (benches/compare.sh): `--target ADDR --ca FILE --pid PID --label NAME`. `backend ADDR`
+//! runs the plaintext echo backend that HAProxy and stunnel forward to in the comparison.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio_rustls::TlsConnector;
+
+#[derive(Parser)]
+struct Args {
+    /// Server to load; when absent, the built portcullis is started for the run.
+    #[arg(long)]
+    target: Option<SocketAddr>,
+    /// CA that signed the server certificate.
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// The server's pid, for RSS (idle scenario).
+    #[arg(long)]
+    pid: Option<u32>,
+    /// Name printed in each result line.
+    #[arg(long, default_value = "portcullis")]
+    label: String,
+    /// Scenarios to run (comma-separated): handshake,resume,steady,idle,reject.
+    #[arg(long, default_value = "handshake,resume,steady,idle,reject")]
+    scenarios: String,
+    #[arg(long, default_value_t = 4)]
+    workers: usize,
+    #[arg(long, default_value_t = 32)]
+    connections: usize,
+    #[arg(long, default_value_t = 2000)]
+    idle: usize,
+    /// Seconds per timed scenario.
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the text protocol in plaintext (PING, ECHO, AUTH → OK): the backend behind
+    /// HAProxy and stunnel in the comparison.
+    Backend { listen: SocketAddr },
+}
+
+fn main() {
+    let args = Args::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    runtime.block_on(async move {
+        if let Some(Command::Backend { listen }) = args.command {
+            return backend(listen).await;
+        }
+        let local = match args.target {
+            Some(_) => None,
+            None => Some(LocalServer::start()),
+        };
+        let target = args.target.or(local.as_ref().map(|l| l.addr)).expect("a target");
+        let ca = args.ca.clone().or(local.as_ref().map(|l| l.ca.clone())).expect("--ca");
+        let pid = args.pid.or(local.as_ref().map(|l| l.child.id()));
+        let bench = Bench { target, ca, label: args.label.clone() };
+        let duration = Duration::from_secs_f64(args.seconds);
+        for scenario in args.scenarios.split(',') {
+            match scenario.trim() {
+                "handshake" => bench.handshakes(args.workers, duration, false).await,
+                "resume" => bench.handshakes(args.workers, duration, true).await,
+                "steady" => bench.steady(args.connections, duration).await,
+                "idle" => bench.idle(args.idle, pid).await,
+                "reject" => bench.reject(duration).await,
+                other => eprintln!("unknown scenario {other}"),
+            }
+        }
+        drop(local);
+    });
+}
+
+struct Bench {
+    target: SocketAddr,
+    ca: PathBuf,
+    label: String,
+}
+
+/// The request every scenario sends: ECHO with a 64-byte payload.
+fn echo_request() -> Vec<u8> {
+    let mut line = b"ECHO ".to_vec();
+    line.extend(std::iter::repeat_n(b'x', 64));
+    line.push(b'\n');
+    line
+}
+
+impl Bench {
+    fn connector(&self, resumption: bool) -> TlsConnector {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(&self.ca).expect("ca file") {
+            roots.add(cert.expect("ca pem")).expect("ca cert");
+        }
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("TLS 1.3")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        if !resumption {
+            config.resumption = rustls::client::Resumption::disabled();
+        }
+        TlsConnector::from(Arc::new(config))
+    }
+
+    async fn connect(&self, connector: &TlsConnector, source: Option<IpAddr>) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let tcp = tcp_from(self.target, source).await?;
+        let _ = tcp.set_nodelay(true);
+        connector.connect(ServerName::try_from("localhost").expect("name"), tcp).await
+    }
+
+    /// W workers: connect, handshake, one ECHO, close.
+    async fn handshakes(&self, workers: usize, duration: Duration, resumption: bool) {
+        let connector = self.connector(resumption);
+        let until = Instant::now() + duration;
+        let mut tasks = Vec::new();
+        for w in 0..workers {
+            let connector = connector.clone();
+            let this = Bench { target: self.target, ca: self.ca.clone(), label: String::new() };
+            tasks.push(tokio::spawn(async move {
+                let (mut latencies, mut errors, mut resumed) = (Vec::new(), 0u64, 0u64);
+                let mut n = 0u32;
+                while Instant::now() < until {
+                    // Spread sources over 127.0.x.y so per-IP limits do not shape the result.
+                    let source = IpAddr::from([127, 0, 2 + (w as u8), 1 + (n % 200) as u8]);
+                    n += 1;
+                    let started = Instant::now();
+                    match one_echo(&this, &connector, source).await {
+                        Ok(was_resumed) => {
+                            latencies.push(started.elapsed().as_micros() as u32);
+                            resumed += u64::from(was_resumed);
+                        }
+                        Err(_) => errors += 1,
+                    }
+                }
+                (latencies, errors, resumed)
+            }));
+        }
+        let (mut all, mut errors, mut resumed) = (Vec::new(), 0, 0);
+        for t in tasks {
+            let (l, e, r) = t.await.expect("worker");
+            all.extend(l);
+            errors += e;
+            resumed += r;
+        }
+        let name = if resumption { "resume" } else { "handshake" };
+        println!(
+            "scenario={name} server={} workers={workers} handshakes={} errors={errors} resumed={resumed} rate={:.0} {}",
+            self.label,
+            all.len(),
+            all.len() as f64 / duration.as_secs_f64(),
+            percentiles(&mut all)
+        );
+    }
+
+    /// C persistent connections, ECHO of 64 bytes in a closed loop.
+    async fn steady(&self, connections: usize, duration: Duration) {
+        let connector = self.connector(true);
+        let until = Instant::now() + duration;
+        let mut tasks = Vec::new();
+        for c in 0..connections {
+            let source = IpAddr::from([127, 0, 10, 1 + (c % 250) as u8]);
+            let stream = self.connect(&connector, Some(source)).await.expect("connect");
+            tasks.push(tokio::spawn(async move {
+                let request = echo_request();
+                let mut stream = BufReader::new(stream);
+                let mut line = Vec::with_capacity(128);
+                let mut latencies = Vec::new();
+                while Instant::now() < until {
+                    let started = Instant::now();
+                    if stream.get_mut().write_all(&request).await.is_err() {
+                        break;
+                    }
+                    line.clear();
+                    match stream.read_until(b'\n', &mut line).await {
+                        Ok(n) if n > 0 && line.starts_with(b"OK ") => {}
+                        _ => break,
+                    }
+                    latencies.push(started.elapsed().as_micros() as u32);
+                }
+                latencies
+            }));
+        }
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.expect("connection"));
+        }
+        println!(
+            "scenario=steady server={} connections={connections} requests={} rate={:.0} {}",
+            self.label,
+            all.len(),
+            all.len() as f64 / duration.as_secs_f64(),
+            percentiles(&mut all)
+        );
+    }
+
+    /// N idle connections that each completed one PING; server RSS per connection.
+    async fn idle(&self, count: usize, pid: Option<u32>) {
+        let Some(pid) = pid else {
+            eprintln!("idle: needs --pid");
+            return;
+        };
+        let connector = self.connector(true);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let before = rss_kib(pid);
+        let mut held = Vec::with_capacity(count);
+        for i in 0..count {
+            let source = IpAddr::from([127, 0, 20 + (i / 250) as u8, 1 + (i % 250) as u8]);
+            let mut stream = self.connect(&connector, Some(source)).await.expect("connect");
+            stream.write_all(b"PING\n").await.expect("write");
+            let mut buf = [0u8; 16];
+            let n = stream.read(&mut buf).await.expect("read");
+            assert!(buf[..n].starts_with(b"OK"), "bad reply");
+            held.push(stream);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let after = rss_kib(pid);
+        println!(
+            "scenario=idle server={} connections={count} rss_before_kib={before} rss_after_kib={after} bytes_per_connection={:.0}",
+            self.label,
+            (after.saturating_sub(before) * 1024) as f64 / count as f64
+        );
+        drop(held);
+    }
+
+    /// One source floods new TCP connections; another measures PING latency meanwhile.
+    async fn reject(&self, duration: Duration) {
+        let connector = self.connector(true);
+        let stop = Arc::new(AtomicBool::new(false));
+        let refused = Arc::new(AtomicU64::new(0));
+        let attempts = Arc::new(AtomicU64::new(0));
+        let mut floods = Vec::new();
+        for _ in 0..4 {
+            let (stop, refused, attempts, target) = (stop.clone(), refused.clone(), attempts.clone(), self.target);
+            floods.push(tokio::spawn(async move {
+                let flooder = Some(IpAddr::from([127, 0, 99, 1]));
+                while !stop.load(Ordering::Relaxed) {
+                    attempts.fetch_add(1, Ordering::Relaxed);
+                    match tcp_from(target, flooder).await {
+                        Ok(mut tcp) => {
+                            // A refusal is a close (or reset) before any byte; an accepted
+                            // connection would wait for a ClientHello.
+                            let _ = tcp.write_all(&[0x16, 0x03, 0x01]).await;
+                            let mut b = [0u8; 1];
+                            if let Ok(Ok(0) | Err(_)) = tokio::time::timeout(Duration::from_millis(50), tcp.read(&mut b)).await {
+                                refused.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        Err(_) => {
+                            refused.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }));
+        }
+        let mut legit = BufReader::new(self.connect(&connector, Some(IpAddr::from([127, 0, 98, 1]))).await.expect("legit"));
+        let until = Instant::now() + duration;
+        let mut latencies = Vec::new();
+        let mut line = Vec::new();
+        while Instant::now() < until {
+            let started = Instant::now();
+            legit.get_mut().write_all(b"PING\n").await.expect("ping");
+            line.clear();
+            legit.read_until(b'\n', &mut line).await.expect("pong");
+            latencies.push(started.elapsed().as_micros() as u32);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        stop.store(true, Ordering::Relaxed);
+        for f in floods {
+            let _ = f.await;
+        }
+        println!(
+            "scenario=reject server={} attempts={} refusals={} refusals_per_s={:.0} legit_pings={} legit_{}",
+            self.label,
+            attempts.load(Ordering::Relaxed),
+            refused.load(Ordering::Relaxed),
+            refused.load(Ordering::Relaxed) as f64 / duration.as_secs_f64(),
+            latencies.len(),
+            percentiles(&mut latencies).replace(' ', " legit_")
+        );
+    }
+}
+
+/// Connect, handshake, one ECHO, close; returns whether the session was resumed.
+async fn one_echo(bench: &Bench, connector: &TlsConnector, source: IpAddr) -> std::io::Result<bool> {
+    let mut stream = bench.connect(connector, Some(source)).await?;
+    let resumed = stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    stream.write_all(&echo_request()).await?;
+    let mut reply = BufReader::new(stream);
+    let mut line = Vec::new();
+    reply.read_until(b'\n', &mut line).await?;
+    if !line.starts_with(b"OK ") {
+        return Err(std::io::Error::other("bad reply"));
+    }
+    let _ = reply.get_mut().shutdown().await;
+    Ok(resumed)
+}
+
+async fn tcp_from(target: SocketAddr, source: Option<IpAddr>) -> std::io::Result<TcpStream> {
+    let socket = TcpSocket::new_v4()?;
+    if let Some(ip) = source {
+        socket.bind(SocketAddr::new(ip, 0))?;
+    }
+    socket.connect(target).await
+}
+
+/// `p50_us=… p99_us=… p999_us=…` of latencies in microseconds.
+fn percentiles(latencies: &mut [u32]) -> String {
+    if latencies.is_empty() {
+        return "p50_us=0 p99_us=0 p999_us=0".into();
+    }
+    latencies.sort_unstable();
+    let at = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
+    format!("p50_us={} p99_us={} p999_us={}", at(0.50), at(0.99), at(0.999))
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The plaintext backend for HAProxy and stunnel: the same replies portcullis gives.
+async fn backend(listen: SocketAddr) {
+    let listener = TcpListener::bind(listen).await.expect("bind backend");
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(async move {
+            let (rd, mut wr) = stream.into_split();
+            let mut rd = BufReader::new(rd);
+            let mut line = Vec::new();
+            let mut out = Vec::new();
+            loop {
+                line.clear();
+                match rd.read_until(b'\n', &mut line).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+                out.clear();
+                match line.strip_prefix(b"ECHO ") {
+                    Some(data) => {
+                        out.extend_from_slice(b"OK ");
+                        out.extend_from_slice(data);
+                    }
+                    None => out.extend_from_slice(b"OK PONG\n"),
+                }
+                if wr.write_all(&out).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+/// The built portcullis, started for a self-contained run: one worker thread, auth off,
+/// limits raised except for the `reject` scenario's flooding source.
+struct LocalServer {
+    child: std::process::Child,
+    addr: SocketAddr,
+    ca: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl LocalServer {
+    fn start() -> LocalServer {
+        use std::io::BufRead;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let certs = portcullis::bootstrap::generate_certs(&dir.path().join("certs"), &portcullis::bootstrap::default_sans())
+            .expect("certs");
+        let config = dir.path().join("portcullis.toml");
+        std::fs::write(&config, BENCH_CONFIG).expect("config");
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .args(["--config", config.to_str().expect("path"), "--log-level", "warn,portcullis=info"])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("portcullis");
+        let stderr = std::io::BufReader::new(child.stderr.take().expect("stderr"));
+        let mut addr = None;
+        for line in stderr.lines().map_while(Result::ok) {
+            if let Some(rest) = line.split("listen=").nth(1) {
+                addr = rest.split_whitespace().next().and_then(|a| a.parse().ok());
+                break;
+            }
+        }
+        LocalServer { child, addr: addr.expect("portcullis started"), ca: certs.ca_cert, _dir: dir }
+    }
+}
+
+impl Drop for LocalServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The configuration of a benchmark run (also used by benches/compare.sh).
+const BENCH_CONFIG: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+workers = 1
+[tls]
+cert = "certs/server.pem"
+key = "certs/server.key"
+[limits]
+max_connections = 20000
+max_connections_per_ip = 20000
+connection_rate_per_ip = 20
+connection_burst_per_ip = 40
+commands_per_second = 1000000
+commands_burst = 1000000
+[auth]
+mode = "none"
+[admin]
+listen = "127.0.0.1:0"
+"#;
