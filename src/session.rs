@@ -10,7 +10,10 @@ use std::num::NonZeroU32;
 
 use bytes::{Buf, BytesMut};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use std::pin::Pin;
+use std::task::{ready, Poll};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{sleep_until, timeout, timeout_at, Instant};
 use tokio_rustls::server::TlsStream;
@@ -35,12 +38,6 @@ const DISCARD_TIMEOUT: Duration = Duration::from_secs(1);
 const DISCARD_BYTES: usize = 256 * 1024;
 /// The most read from the socket in one call; the codec's caps bound the buffer itself.
 const READ_CHUNK: usize = 8 * 1024;
-/// An idle connection's read buffer above this size is released, so that a connection
-/// that once carried a large frame does not keep its memory while idle.
-const KEEP_BUFFER_BYTES: usize = 16 * 1024;
-
-type Reader = ReadHalf<TlsStream<Rewind>>;
-type Writer = WriteHalf<TlsStream<Rewind>>;
 
 /// Serves one accepted TCP connection until it closes.
 pub async fn run(stream: TcpStream, peer: SocketAddr, gateway: Arc<Gateway>) {
@@ -84,7 +81,8 @@ async fn serve(
     banned: &CancellationToken,
     gateway: &Gateway,
 ) -> CloseReason {
-    let handshake = handshake(stream, ip, gateway).await;
+    // Boxed: its state is needed only until the handshake ends, not for the connection's life.
+    let handshake = Box::pin(handshake(stream, ip, gateway)).await;
     drop(handshake_permit);
     let (tls, principal) = match handshake {
         Ok(done) => done,
@@ -103,6 +101,7 @@ async fn serve(
     let protocol = &gateway.config.protocol;
     let limits = &gateway.config.limits;
     let mut session = Session {
+        stream: tls,
         gateway,
         ip,
         banned,
@@ -124,8 +123,7 @@ async fn serve(
         wbuf: BytesMut::new(),
         needs_flush: false,
     };
-    let (mut rd, mut wr) = tokio::io::split(tls);
-    session.run(&mut rd, &mut wr).await
+    session.run().await
 }
 
 /// Waits for the first byte (a peer that closes before sending one — a balancer's TCP health
@@ -205,6 +203,8 @@ async fn handshake(
 
 /// The state of one established connection.
 struct Session<'g> {
+    /// The connection, read and written from one task: no lock between the two halves.
+    stream: TlsStream<Rewind>,
     gateway: &'g Gateway,
     /// The normalised client address: what WHOAMI shows and limits key on.
     ip: IpAddr,
@@ -225,6 +225,12 @@ struct Session<'g> {
     needs_flush: bool,
 }
 
+/// What the socket did.
+enum IoEvent {
+    Read(io::Result<usize>),
+    Wrote(io::Result<()>),
+}
+
 /// What processing the buffered messages asks for.
 enum Step {
     Continue { served: bool },
@@ -233,10 +239,12 @@ enum Step {
 }
 
 impl Session<'_> {
-    async fn run(&mut self, rd: &mut Reader, wr: &mut Writer) -> CloseReason {
-        let limits = &self.gateway.config.limits;
-        let shutdown = &self.gateway.shutdown;
-        let auth_deadline = Instant::now() + self.gateway.config.auth.auth_timeout;
+    async fn run(&mut self) -> CloseReason {
+        let gateway = self.gateway;
+        let banned = self.banned;
+        let limits = &gateway.config.limits;
+        let shutdown = &gateway.shutdown;
+        let auth_deadline = Instant::now() + gateway.config.auth.auth_timeout;
         let mut idle_deadline = Instant::now() + limits.idle_timeout;
         let mut draining = false;
         loop {
@@ -246,8 +254,11 @@ impl Session<'_> {
                         idle_deadline = Instant::now() + limits.idle_timeout;
                     }
                 }
-                Step::Close(reason) => return self.close(wr, reason).await,
-                Step::TooLarge(too_large) => return self.refuse_too_large(rd, wr, too_large).await,
+                // Cold paths are boxed, so their futures do not enlarge every connection's task.
+                Step::Close(reason) => return Box::pin(self.close(reason)).await,
+                Step::TooLarge(too_large) => {
+                    return Box::pin(self.refuse_too_large(too_large)).await
+                }
             }
             if self.wbuf.len() > limits.max_write_buffer_bytes {
                 metrics::security_event(
@@ -258,33 +269,78 @@ impl Session<'_> {
                 return CloseReason::WriteOverflow;
             }
             if draining && self.rbuf.is_empty() {
-                return self.close(wr, CloseReason::Shutdown).await;
+                return Box::pin(self.close(CloseReason::Shutdown)).await;
             }
             let (deadline, expired) = if !self.authenticated() && auth_deadline < idle_deadline {
                 (auth_deadline, CloseReason::AuthTimeout)
             } else {
                 (idle_deadline, CloseReason::IdleTimeout)
             };
-            self.prepare_read_buffer();
-            let writing = !self.wbuf.is_empty() || self.needs_flush;
-            tokio::select! {
+            let event = tokio::select! {
                 biased;
-                _ = shutdown.force.cancelled() => return self.close(wr, CloseReason::Shutdown).await,
-                _ = self.banned.cancelled() => return self.close(wr, CloseReason::Banned).await,
-                read = rd.read_buf(&mut self.rbuf) => match read {
-                    Ok(0) => return self.close(wr, CloseReason::ClientClose).await,
-                    Ok(_) => {}
-                    Err(e) => return io_reason(&e),
-                },
-                written = write_some(wr, &mut self.wbuf, &mut self.needs_flush), if writing => {
-                    if let Err(e) = written {
-                        return io_reason(&e);
-                    }
+                _ = shutdown.force.cancelled() => Err(CloseReason::Shutdown),
+                _ = banned.cancelled() => Err(CloseReason::Banned),
+                event = std::future::poll_fn(|cx| self.poll_io(cx)) => Ok(event),
+                _ = sleep_until(deadline) => Err(expired),
+                _ = shutdown.closing.cancelled(), if !draining => {
+                    draining = true;
+                    continue;
                 }
-                _ = sleep_until(deadline) => return self.close(wr, expired).await,
-                _ = shutdown.closing.cancelled(), if !draining => draining = true,
+            };
+            match event {
+                Err(reason) => return Box::pin(self.close(reason)).await,
+                Ok(IoEvent::Read(Ok(0))) => {
+                    return Box::pin(self.close(CloseReason::ClientClose)).await
+                }
+                Ok(IoEvent::Read(Ok(_)) | IoEvent::Wrote(Ok(()))) => {}
+                Ok(IoEvent::Read(Err(e)) | IoEvent::Wrote(Err(e))) => return io_reason(&e),
             }
         }
+    }
+
+    /// Moves bytes: queued replies out first, then requests in. The read buffer is only
+    /// held while a read is under way: an idle connection gives it back, which is most of
+    /// what an idle connection would otherwise cost.
+    fn poll_io(&mut self, cx: &mut std::task::Context<'_>) -> Poll<IoEvent> {
+        if !self.wbuf.is_empty() || self.needs_flush {
+            if let Poll::Ready(result) = self.poll_write_some(cx) {
+                return Poll::Ready(IoEvent::Wrote(result));
+            }
+        }
+        if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 2 {
+            self.rbuf.reserve(READ_CHUNK);
+        }
+        match tokio_util::io::poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.rbuf) {
+            Poll::Ready(result) => Poll::Ready(IoEvent::Read(result)),
+            Poll::Pending => {
+                if self.rbuf.is_empty() {
+                    self.rbuf = BytesMut::new();
+                }
+                if self.wbuf.is_empty() && self.wbuf.capacity() > 0 {
+                    self.wbuf = BytesMut::new();
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    /// Hands some queued replies to TLS, and flushes once they are all handed over. Bytes
+    /// leave `wbuf` only once TLS has taken them.
+    fn poll_write_some(&mut self, cx: &mut std::task::Context<'_>) -> Poll<io::Result<()>> {
+        if !self.wbuf.is_empty() {
+            let n = ready!(Pin::new(&mut self.stream).poll_write(cx, &self.wbuf))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.wbuf.advance(n);
+            self.needs_flush = true;
+            if !self.wbuf.is_empty() {
+                return Poll::Ready(Ok(()));
+            }
+        }
+        ready!(Pin::new(&mut self.stream).poll_flush(cx))?;
+        self.needs_flush = false;
+        Poll::Ready(Ok(()))
     }
 
     fn authenticated(&self) -> bool {
@@ -358,22 +414,12 @@ impl Session<'_> {
         metrics::traffic("out", 1, len as u64);
     }
 
-    /// Makes room for one read; releases a large buffer that is no longer needed.
-    fn prepare_read_buffer(&mut self) {
-        if self.rbuf.is_empty() && self.rbuf.capacity() > KEEP_BUFFER_BYTES {
-            self.rbuf = BytesMut::new();
-        }
-        if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 2 {
-            self.rbuf.reserve(READ_CHUNK);
-        }
-    }
-
     /// Sends what is queued, then close_notify, then closes; bounded by [`CLOSE_TIMEOUT`].
-    async fn close(&mut self, wr: &mut Writer, reason: CloseReason) -> CloseReason {
-        let wbuf = &self.wbuf;
+    async fn close(&mut self, reason: CloseReason) -> CloseReason {
+        let (stream, wbuf) = (&mut self.stream, &self.wbuf);
         let _ = timeout(CLOSE_TIMEOUT, async {
-            wr.write_all(wbuf).await?;
-            wr.shutdown().await
+            stream.write_all(wbuf).await?;
+            stream.shutdown().await
         })
         .await;
         reason
@@ -381,12 +427,7 @@ impl Session<'_> {
 
     /// `ERR TOO_LARGE <cap>`, close_notify, then discard (never buffer) what the client is
     /// still sending, for at most [`DISCARD_TIMEOUT`] or [`DISCARD_BYTES`].
-    async fn refuse_too_large(
-        &mut self,
-        rd: &mut Reader,
-        wr: &mut Writer,
-        too_large: TooLarge,
-    ) -> CloseReason {
+    async fn refuse_too_large(&mut self, too_large: TooLarge) -> CloseReason {
         let event = match too_large.framing {
             Framing::Binary => SecurityEvent::OversizeFrame,
             Framing::Text => SecurityEvent::OversizeLine,
@@ -400,8 +441,8 @@ impl Session<'_> {
             b" ",
             cap.as_bytes(),
         ]);
-        self.close(wr, CloseReason::TooLarge).await;
-        let _ = timeout(DISCARD_TIMEOUT, discard(rd, DISCARD_BYTES)).await;
+        self.close(CloseReason::TooLarge).await;
+        let _ = timeout(DISCARD_TIMEOUT, discard(&mut self.stream, DISCARD_BYTES)).await;
         CloseReason::TooLarge
     }
 }
@@ -416,28 +457,6 @@ async fn discard<R: AsyncRead + Unpin>(rd: &mut R, limit: usize) {
             Ok(n) => total += n,
         }
     }
-}
-
-/// Hands some of `buf` to TLS, and flushes once it is empty. Cancel-safe: bytes leave `buf`
-/// only once TLS has taken them.
-async fn write_some<W: AsyncWrite + Unpin>(
-    wr: &mut W,
-    buf: &mut BytesMut,
-    needs_flush: &mut bool,
-) -> io::Result<()> {
-    if !buf.is_empty() {
-        let n = wr.write(buf).await?;
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        buf.advance(n);
-        *needs_flush = true;
-    }
-    if buf.is_empty() {
-        wr.flush().await?;
-        *needs_flush = false;
-    }
-    Ok(())
 }
 
 /// Maps a read or write error to its close reason: TLS errors surface as `InvalidData`.
