@@ -71,7 +71,10 @@ enum Command {
 
 fn main() {
     let args = Args::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     runtime.block_on(async move {
         if let Some(Command::Backend { listen }) = args.command {
             return backend(listen).await;
@@ -80,10 +83,21 @@ fn main() {
             Some(_) => None,
             None => Some(LocalServer::start()),
         };
-        let target = args.target.or(local.as_ref().map(|l| l.addr)).expect("a target");
-        let ca = args.ca.clone().or(local.as_ref().map(|l| l.ca.clone())).expect("--ca");
+        let target = args
+            .target
+            .or(local.as_ref().map(|l| l.addr))
+            .expect("a target");
+        let ca = args
+            .ca
+            .clone()
+            .or(local.as_ref().map(|l| l.ca.clone()))
+            .expect("--ca");
         let pid = args.pid.or(local.as_ref().map(|l| l.child.id()));
-        let bench = Bench { target, ca, label: args.label.clone() };
+        let bench = Bench {
+            target,
+            ca,
+            label: args.label.clone(),
+        };
         let duration = Duration::from_secs_f64(args.seconds);
         for scenario in args.scenarios.split(',') {
             match scenario.trim() {
@@ -119,21 +133,29 @@ impl Bench {
         for cert in CertificateDer::pem_file_iter(&self.ca).expect("ca file") {
             roots.add(cert.expect("ca pem")).expect("ca cert");
         }
-        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .expect("TLS 1.3")
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("TLS 1.3")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
         if !resumption {
             config.resumption = rustls::client::Resumption::disabled();
         }
         TlsConnector::from(Arc::new(config))
     }
 
-    async fn connect(&self, connector: &TlsConnector, source: Option<IpAddr>) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    async fn connect(
+        &self,
+        connector: &TlsConnector,
+        source: Option<IpAddr>,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
         let tcp = tcp_from(self.target, source).await?;
         let _ = tcp.set_nodelay(true);
-        connector.connect(ServerName::try_from("localhost").expect("name"), tcp).await
+        connector
+            .connect(ServerName::try_from("localhost").expect("name"), tcp)
+            .await
     }
 
     /// W workers: connect, handshake, one ECHO, close.
@@ -143,7 +165,11 @@ impl Bench {
         let mut tasks = Vec::new();
         for w in 0..workers {
             let connector = connector.clone();
-            let this = Bench { target: self.target, ca: self.ca.clone(), label: String::new() };
+            let this = Bench {
+                target: self.target,
+                ca: self.ca.clone(),
+                label: String::new(),
+            };
             tasks.push(tokio::spawn(async move {
                 let (mut latencies, mut errors, mut resumed) = (Vec::new(), 0u64, 0u64);
                 let mut n = 0u32;
@@ -187,7 +213,10 @@ impl Bench {
         let mut tasks = Vec::new();
         for c in 0..connections {
             let source = IpAddr::from([127, 0, 10, 1 + (c % 250) as u8]);
-            let stream = self.connect(&connector, Some(source)).await.expect("connect");
+            let stream = self
+                .connect(&connector, Some(source))
+                .await
+                .expect("connect");
             tasks.push(tokio::spawn(async move {
                 let request = echo_request();
                 let mut stream = BufReader::new(stream);
@@ -233,7 +262,10 @@ impl Bench {
         let mut held = Vec::with_capacity(count);
         for i in 0..count {
             let source = IpAddr::from([127, 0, 20 + (i / 250) as u8, 1 + (i % 250) as u8]);
-            let mut stream = self.connect(&connector, Some(source)).await.expect("connect");
+            let mut stream = self
+                .connect(&connector, Some(source))
+                .await
+                .expect("connect");
             stream.write_all(b"PING\n").await.expect("write");
             let mut buf = [0u8; 16];
             let n = stream.read(&mut buf).await.expect("read");
@@ -258,7 +290,8 @@ impl Bench {
         let attempts = Arc::new(AtomicU64::new(0));
         let mut floods = Vec::new();
         for _ in 0..4 {
-            let (stop, refused, attempts, target) = (stop.clone(), refused.clone(), attempts.clone(), self.target);
+            let (stop, refused, attempts, target) =
+                (stop.clone(), refused.clone(), attempts.clone(), self.target);
             floods.push(tokio::spawn(async move {
                 let flooder = Some(IpAddr::from([127, 0, 99, 1]));
                 while !stop.load(Ordering::Relaxed) {
@@ -269,7 +302,10 @@ impl Bench {
                             // connection would wait for a ClientHello.
                             let _ = tcp.write_all(&[0x16, 0x03, 0x01]).await;
                             let mut b = [0u8; 1];
-                            if let Ok(Ok(0) | Err(_)) = tokio::time::timeout(Duration::from_millis(50), tcp.read(&mut b)).await {
+                            if let Ok(Ok(0) | Err(_)) =
+                                tokio::time::timeout(Duration::from_millis(50), tcp.read(&mut b))
+                                    .await
+                            {
                                 refused.fetch_add(1, Ordering::Relaxed);
                             }
                         }
@@ -280,7 +316,11 @@ impl Bench {
                 }
             }));
         }
-        let mut legit = BufReader::new(self.connect(&connector, Some(IpAddr::from([127, 0, 98, 1]))).await.expect("legit"));
+        let mut legit = BufReader::new(
+            self.connect(&connector, Some(IpAddr::from([127, 0, 98, 1])))
+                .await
+                .expect("legit"),
+        );
         let until = Instant::now() + duration;
         let mut latencies = Vec::new();
         let mut line = Vec::new();
@@ -309,7 +349,11 @@ impl Bench {
 }
 
 /// Connect, handshake, one ECHO, close; returns whether the session was resumed.
-async fn one_echo(bench: &Bench, connector: &TlsConnector, source: IpAddr) -> std::io::Result<bool> {
+async fn one_echo(
+    bench: &Bench,
+    connector: &TlsConnector,
+    source: IpAddr,
+) -> std::io::Result<bool> {
     let mut stream = bench.connect(connector, Some(source)).await?;
     let resumed = stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
     stream.write_all(&echo_request()).await?;
@@ -338,7 +382,12 @@ fn percentiles(latencies: &mut [u32]) -> String {
     }
     latencies.sort_unstable();
     let at = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
-    format!("p50_us={} p99_us={} p999_us={}", at(0.50), at(0.99), at(0.999))
+    format!(
+        "p50_us={} p99_us={} p999_us={}",
+        at(0.50),
+        at(0.99),
+        at(0.999)
+    )
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -354,7 +403,9 @@ fn rss_kib(pid: u32) -> u64 {
 async fn backend(listen: SocketAddr) {
     let listener = TcpListener::bind(listen).await.expect("bind backend");
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         tokio::spawn(async move {
             let (rd, mut wr) = stream.into_split();
@@ -396,12 +447,20 @@ impl LocalServer {
     fn start() -> LocalServer {
         use std::io::BufRead;
         let dir = tempfile::tempdir().expect("tempdir");
-        let certs = portcullis::bootstrap::generate_certs(&dir.path().join("certs"), &portcullis::bootstrap::default_sans())
-            .expect("certs");
+        let certs = portcullis::bootstrap::generate_certs(
+            &dir.path().join("certs"),
+            &portcullis::bootstrap::default_sans(),
+        )
+        .expect("certs");
         let config = dir.path().join("portcullis.toml");
         std::fs::write(&config, BENCH_CONFIG).expect("config");
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
-            .args(["--config", config.to_str().expect("path"), "--log-level", "warn,portcullis=info"])
+            .args([
+                "--config",
+                config.to_str().expect("path"),
+                "--log-level",
+                "warn,portcullis=info",
+            ])
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("portcullis");
@@ -413,7 +472,12 @@ impl LocalServer {
                 break;
             }
         }
-        LocalServer { child, addr: addr.expect("portcullis started"), ca: certs.ca_cert, _dir: dir }
+        LocalServer {
+            child,
+            addr: addr.expect("portcullis started"),
+            ca: certs.ca_cert,
+            _dir: dir,
+        }
     }
 }
 
