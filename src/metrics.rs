@@ -235,15 +235,71 @@ pub fn auth(method: AuthMethod, ok: bool) {
 
 /// One command was served.
 pub fn command(verb: Verb, ok: bool, took: Duration) {
-    let result = if ok { "ok" } else { "error" };
-    counter!(COMMANDS, "command" => verb.as_str(), "result" => result).increment(1);
-    histogram!(COMMAND_DURATION, "command" => verb.as_str()).record(took.as_secs_f64());
+    let handles = &hot().commands[verb as usize];
+    let counter = if ok { &handles.ok } else { &handles.error };
+    counter.increment(1);
+    handles.duration.record(took.as_secs_f64());
 }
 
-/// Messages and plaintext bytes received (`in`) or sent (`out`).
-pub fn traffic(direction: &'static str, messages: u64, bytes: u64) {
-    counter!(FRAMES, "direction" => direction).increment(messages);
-    counter!(BYTES, "direction" => direction).increment(bytes);
+/// Which way traffic goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    In,
+    Out,
+}
+
+/// Messages and their plaintext bytes received or sent.
+pub fn traffic(direction: Direction, messages: u64, bytes: u64) {
+    let handles = &hot().traffic[direction as usize];
+    handles.frames.increment(messages);
+    handles.bytes.increment(bytes);
+}
+
+/// Handles of the series updated for every request, looked up once: a `counter!` call
+/// hashes its name and labels into the registry each time, which per request adds up.
+struct HotHandles {
+    commands: Vec<CommandHandles>,
+    traffic: [TrafficHandles; 2],
+}
+
+struct CommandHandles {
+    ok: metrics::Counter,
+    error: metrics::Counter,
+    duration: metrics::Histogram,
+}
+
+struct TrafficHandles {
+    frames: metrics::Counter,
+    bytes: metrics::Counter,
+}
+
+/// The hot handles; created on first use, which is after [`install`] (sessions exist only
+/// once a server is bound).
+fn hot() -> &'static HotHandles {
+    static HOT: OnceLock<HotHandles> = OnceLock::new();
+    HOT.get_or_init(|| {
+        let verbs = Verb::KNOWN.into_iter().chain([Verb::Unknown]);
+        let mut commands: Vec<(Verb, CommandHandles)> = verbs
+            .map(|verb| {
+                let command = verb.as_str();
+                let handles = CommandHandles {
+                    ok: counter!(COMMANDS, "command" => command, "result" => "ok"),
+                    error: counter!(COMMANDS, "command" => command, "result" => "error"),
+                    duration: histogram!(COMMAND_DURATION, "command" => command),
+                };
+                (verb, handles)
+            })
+            .collect();
+        commands.sort_by_key(|(verb, _)| *verb as usize);
+        let traffic = |direction: &'static str| TrafficHandles {
+            frames: counter!(FRAMES, "direction" => direction),
+            bytes: counter!(BYTES, "direction" => direction),
+        };
+        HotHandles {
+            commands: commands.into_iter().map(|(_, h)| h).collect(),
+            traffic: [traffic("in"), traffic("out")],
+        }
+    })
 }
 
 /// The per-client limiters' key counts.

@@ -25,7 +25,7 @@ use crate::codec::{Framing, Message, MessageCodec, TooLarge};
 use crate::command::{self, After, Context, Reply, Request};
 use crate::config::AuthMode;
 use crate::error::{CloseReason, ErrorCode, SecurityEvent};
-use crate::metrics::{self, HandshakeResult};
+use crate::metrics::{self, Direction, HandshakeResult};
 use crate::proxy_protocol::{self, Outcome, Rewind};
 use crate::server::Gateway;
 
@@ -360,7 +360,7 @@ impl Session<'_> {
             let Message::Request(bytes) = message else {
                 continue; // a heartbeat: it only resets the idle timer
             };
-            metrics::traffic("in", 1, bytes.len() as u64);
+            metrics::traffic(Direction::In, 1, bytes.len() as u64);
             if self.command_rate.check().is_err() {
                 metrics::security_event(
                     SecurityEvent::CommandRateLimited,
@@ -411,7 +411,7 @@ impl Session<'_> {
     fn queue_reply(&mut self, parts: &[&[u8]]) {
         self.codec.encode_reply(parts, &mut self.wbuf);
         let len: usize = parts.iter().map(|p| p.len()).sum();
-        metrics::traffic("out", 1, len as u64);
+        metrics::traffic(Direction::Out, 1, len as u64);
     }
 
     /// Sends what is queued, then close_notify, then closes; bounded by [`CLOSE_TIMEOUT`].
