@@ -137,7 +137,8 @@ impl Drop for ClientGuard {
     }
 }
 
-fn per_second(rate: u32, burst: u32) -> Quota {
+/// A GCRA quota of `rate` per second with bursts of `burst` (both at least 1).
+pub fn per_second(rate: u32, burst: u32) -> Quota {
     let rate = NonZeroU32::new(rate).unwrap_or(NonZeroU32::MIN);
     let burst = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
     Quota::per_second(rate).allow_burst(burst)

@@ -52,6 +52,8 @@ pub struct Gateway {
     pub admission: Admission,
     /// Which peers' PROXY headers are read, and how.
     pub proxy: ProxySettings,
+    /// `commands_per_second` / `commands_burst`, for each connection's own limiter.
+    pub command_quota: governor::Quota,
     pub shutdown: Shutdown,
 }
 
@@ -67,6 +69,10 @@ impl Gateway {
             tokens: ArcSwap::from_pointee(tokens),
             admission: Admission::new(&config),
             proxy: ProxySettings::new(&config.proxy_protocol),
+            command_quota: crate::admission::per_second(
+                config.limits.commands_per_second,
+                config.limits.commands_burst,
+            ),
             config,
             shutdown,
         })

@@ -3,16 +3,14 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{ready, Poll};
 use std::time::Duration;
 
-use std::num::NonZeroU32;
-
 use bytes::{Buf, BytesMut};
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use std::pin::Pin;
-use std::task::{ready, Poll};
-
+use governor::{DefaultDirectRateLimiter, RateLimiter};
+use rustls::ServerConnection;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{sleep_until, timeout, timeout_at, Instant};
@@ -89,28 +87,18 @@ async fn serve(
         Err(reason) => return reason,
     };
     let (_, conn) = tls.get_ref();
-    let tls_version = match conn.protocol_version() {
-        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1_3",
-        Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1_2",
-        _ => "none",
-    };
+    let tls_version = version_label(conn);
     let cipher = conn
         .negotiated_cipher_suite()
         .and_then(|s| s.suite().as_str())
         .unwrap_or("unknown");
     let protocol = &gateway.config.protocol;
-    let limits = &gateway.config.limits;
     let mut session = Session {
         stream: tls,
         gateway,
         ip,
         banned,
-        command_rate: RateLimiter::direct(
-            Quota::per_second(
-                NonZeroU32::new(limits.commands_per_second).unwrap_or(NonZeroU32::MIN),
-            )
-            .allow_burst(NonZeroU32::new(limits.commands_burst).unwrap_or(NonZeroU32::MIN)),
-        ),
+        command_rate: RateLimiter::direct(gateway.command_quota),
         principal,
         tls_version,
         cipher,
@@ -124,6 +112,15 @@ async fn serve(
         needs_flush: false,
     };
     session.run().await
+}
+
+/// The negotiated version as labelled and shown by WHOAMI.
+fn version_label(conn: &ServerConnection) -> &'static str {
+    match conn.protocol_version() {
+        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1_3",
+        Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1_2",
+        _ => "none",
+    }
 }
 
 /// Waits for the first byte (a peer that closes before sending one — a balancer's TCP health
@@ -179,11 +176,7 @@ async fn handshake(
         Err(_) => return Err(timed_out()),
     };
     let (_, conn) = tls.get_ref();
-    let version = match conn.protocol_version() {
-        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1_3",
-        _ => "TLSv1_2",
-    };
-    metrics::handshake(HandshakeResult::Ok, version, started.elapsed());
+    metrics::handshake(HandshakeResult::Ok, version_label(conn), started.elapsed());
     let principal = match gateway.config.auth.mode {
         AuthMode::Token => None,
         _ => conn

@@ -120,7 +120,7 @@ async fn handshake_capacity_refuses_while_handshakes_stall() {
         tcp.write_all(&[0x16, 0x03, 0x01]).await.unwrap(); // a third of a record header
         stalled.push(tcp);
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    wait_active(&server.gateway, 2).await;
     assert_refused_before_tls(server.addr, &certs, src(12)).await;
     drop(stalled);
     tokio::time::sleep(Duration::from_millis(100)).await;

@@ -122,18 +122,20 @@ async fn every_path_is_counted() {
     refused(s.addr, 46).await;
     let s = server_with(&certs, |c| c.limits.connection_burst_per_ip = 1).await;
     let _held = tcp_connect(s.addr, src(47)).await.unwrap();
+    wait_active(&s.gateway, 1).await;
     refused(s.addr, 47).await;
     let s = server_with(&certs, |c| c.limits.max_connections_per_ip = 1).await;
     let _held = tcp_connect(s.addr, src(48)).await.unwrap();
+    wait_active(&s.gateway, 1).await;
     refused(s.addr, 48).await;
     let s = server_with(&certs, |c| c.limits.max_connections = 1).await;
     let _held = tcp_connect(s.addr, src(49)).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    wait_active(&s.gateway, 1).await;
     refused(s.addr, 50).await;
     let s = server_with(&certs, |c| c.limits.max_handshakes_in_flight = 1).await;
     let mut stall = tcp_connect(s.addr, src(51)).await.unwrap();
     stall.write_all(&[0x16]).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    wait_active(&s.gateway, 1).await;
     refused(s.addr, 52).await;
 
     let after = scrape(main.admin).await;

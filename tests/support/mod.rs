@@ -478,3 +478,19 @@ pub fn write_config_named(certs: &TestCerts, name: &str, extra: &str) -> std::pa
     std::fs::write(&path, text).unwrap();
     path
 }
+
+/// Waits until the gateway holds at least `n` connections (their tasks ran admission), so a
+/// test that holds connections open knows they are in before it opens the next one.
+pub async fn wait_active(gateway: &Gateway, n: usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while gateway.admission.active() < n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {} connections admitted",
+            gateway.admission.active()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The rest of admission follows in the same poll of the connection's task.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+}
