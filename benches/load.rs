@@ -97,6 +97,7 @@ fn main() {
             target,
             ca,
             label: args.label.clone(),
+            pid,
         };
         let duration = Duration::from_secs_f64(args.seconds);
         for scenario in args.scenarios.split(',') {
@@ -117,6 +118,9 @@ struct Bench {
     target: SocketAddr,
     ca: PathBuf,
     label: String,
+    /// The server's pid: its CPU time makes results comparable even when the load tool,
+    /// not the server, is the bottleneck.
+    pid: Option<u32>,
 }
 
 /// The request every scenario sends: ECHO with a 64-byte payload.
@@ -161,6 +165,7 @@ impl Bench {
     /// W workers: connect, handshake, one ECHO, close.
     async fn handshakes(&self, workers: usize, duration: Duration, resumption: bool) {
         let connector = self.connector(resumption);
+        let cpu = self.server_cpu();
         let until = Instant::now() + duration;
         let mut tasks = Vec::new();
         for w in 0..workers {
@@ -169,6 +174,7 @@ impl Bench {
                 target: self.target,
                 ca: self.ca.clone(),
                 label: String::new(),
+                pid: None,
             };
             tasks.push(tokio::spawn(async move {
                 let (mut latencies, mut errors, mut resumed) = (Vec::new(), 0u64, 0u64);
@@ -198,25 +204,31 @@ impl Bench {
         }
         let name = if resumption { "resume" } else { "handshake" };
         println!(
-            "scenario={name} server={} workers={workers} handshakes={} errors={errors} resumed={resumed} rate={:.0} {}",
+            "scenario={name} server={} workers={workers} handshakes={} errors={errors} resumed={resumed} rate={:.0} {} {}",
             self.label,
             all.len(),
             all.len() as f64 / duration.as_secs_f64(),
-            percentiles(&mut all)
+            percentiles(&mut all),
+            cpu.report(all.len())
         );
     }
 
     /// C persistent connections, ECHO of 64 bytes in a closed loop.
     async fn steady(&self, connections: usize, duration: Duration) {
         let connector = self.connector(true);
-        let until = Instant::now() + duration;
         let mut tasks = Vec::new();
+        let mut streams = Vec::new();
         for c in 0..connections {
             let source = IpAddr::from([127, 0, 10, 1 + (c % 250) as u8]);
-            let stream = self
-                .connect(&connector, Some(source))
-                .await
-                .expect("connect");
+            streams.push(
+                self.connect(&connector, Some(source))
+                    .await
+                    .expect("connect"),
+            );
+        }
+        let cpu = self.server_cpu();
+        let until = Instant::now() + duration;
+        for stream in streams {
             tasks.push(tokio::spawn(async move {
                 let request = echo_request();
                 let mut stream = BufReader::new(stream);
@@ -242,11 +254,12 @@ impl Bench {
             all.extend(t.await.expect("connection"));
         }
         println!(
-            "scenario=steady server={} connections={connections} requests={} rate={:.0} {}",
+            "scenario=steady server={} connections={connections} requests={} rate={:.0} {} {}",
             self.label,
             all.len(),
             all.len() as f64 / duration.as_secs_f64(),
-            percentiles(&mut all)
+            percentiles(&mut all),
+            cpu.report(all.len())
         );
     }
 
@@ -346,6 +359,54 @@ impl Bench {
             percentiles(&mut latencies).replace(' ', " legit_")
         );
     }
+}
+
+/// The server's CPU time (user + system, all threads) at the start of a scenario.
+struct CpuMark {
+    pid: Option<u32>,
+    ticks: u64,
+}
+
+impl Bench {
+    fn server_cpu(&self) -> CpuMark {
+        CpuMark {
+            pid: self.pid,
+            ticks: self.pid.map_or(0, cpu_ticks),
+        }
+    }
+}
+
+impl CpuMark {
+    /// `server_cpu_s=… per_server_cpu_s=…`: how many operations one second of the
+    /// server's CPU did; independent of whether the load tool kept the server busy.
+    fn report(&self, operations: usize) -> String {
+        let Some(pid) = self.pid else {
+            return "server_cpu_s=0 per_server_cpu_s=0".into();
+        };
+        // Linux reports CPU time in clock ticks of 1/100 s (USER_HZ).
+        let seconds = cpu_ticks(pid).saturating_sub(self.ticks) as f64 / 100.0;
+        let per = if seconds > 0.0 {
+            operations as f64 / seconds
+        } else {
+            0.0
+        };
+        format!("server_cpu_s={seconds:.2} per_server_cpu_s={per:.0}")
+    }
+}
+
+/// utime + stime of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name: state is field 3, utime 14, stime 15.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let field = |n: usize| {
+        fields
+            .get(n - 3)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    field(14) + field(15)
 }
 
 /// Connect, handshake, one ECHO, close; returns whether the session was resumed.
