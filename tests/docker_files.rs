@@ -511,3 +511,37 @@ fn replica_config_passes_check_config_with_generated_certs() {
     let out = check.output().unwrap();
     assert!(out.status.success(), "check-config: {}", show(&out));
 }
+
+/// The dependency layer stubs every bench that Cargo.toml declares, by reading the names
+/// from Cargo.toml itself: run that same extraction here and check it finds them all.
+#[test]
+fn dockerfile_stubs_every_declared_bench() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dockerfile = std::fs::read_to_string(root.join("docker/Dockerfile")).unwrap();
+    assert!(
+        dockerfile.contains(r"/^\[\[bench\]\]/"),
+        "the stub loop reads [[bench]] names"
+    );
+    let manifest = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
+    let out = std::process::Command::new("awk")
+        .arg(r#"/^\[\[bench\]\]/ { b = 1; next } b && $1 == "name" { gsub(/"/, "", $3); print $3; b = 0 }"#)
+        .arg(root.join("Cargo.toml"))
+        .output()
+        .unwrap();
+    let names: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let declared = manifest.matches("[[bench]]").count();
+    assert_eq!(
+        names.len(),
+        declared,
+        "stubs {names:?} for {declared} benches"
+    );
+    for name in names {
+        assert!(
+            root.join("benches").join(format!("{name}.rs")).exists(),
+            "{name}"
+        );
+    }
+}
