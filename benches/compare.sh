@@ -165,26 +165,9 @@ log "backend on 127.0.0.1:$BPORT (pid $BACKEND_PID, core $CLIENT_CORE)"
 # --- server configurations -------------------------------------------------------------------
 # portcullis: the BENCH_CONFIG of benches/load.rs on a fixed port.
 config_portcullis() {
-    cat >"$DIR/portcullis.toml" <<EOF
-[server]
-listen = "127.0.0.1:$1"
-workers = 1
-[tls]
-cert = "$CERTS/server.pem"
-key = "$CERTS/server.key"
-[limits]
-max_connections = 20000
-max_connections_per_ip = 20000
-connection_rate_per_ip = 20
-connection_burst_per_ip = 40
-commands_per_second = 1000000
-commands_burst = 1000000
-[auth]
-mode = "none"
-[admin]
-listen = "127.0.0.1:0"
-EOF
-    CMD=("$PORTCULLIS" --config "$DIR/portcullis.toml" --log-level warn)
+    # The configuration the load tool itself uses; certificates are in $DIR/certs.
+    cp benches/bench.toml "$DIR/portcullis.toml"
+    CMD=(env "PORTCULLIS_SERVER_LISTEN=127.0.0.1:$1" "$PORTCULLIS" --config "$DIR/portcullis.toml" --log-level warn)
 }
 
 # HAProxy: TCP mode, one thread, a TLS session cache, tickets on (default), and a per-source

@@ -549,23 +549,5 @@ impl Drop for LocalServer {
     }
 }
 
-/// The configuration of a benchmark run (also used by benches/compare.sh).
-const BENCH_CONFIG: &str = r#"
-[server]
-listen = "127.0.0.1:0"
-workers = 1
-[tls]
-cert = "certs/server.pem"
-key = "certs/server.key"
-[limits]
-max_connections = 20000
-max_connections_per_ip = 20000
-connection_rate_per_ip = 20
-connection_burst_per_ip = 40
-commands_per_second = 1000000
-commands_burst = 1000000
-[auth]
-mode = "none"
-[admin]
-listen = "127.0.0.1:0"
-"#;
+/// The configuration of a benchmark run, shared with benches/compare.sh.
+const BENCH_CONFIG: &str = include_str!("bench.toml");

@@ -8,17 +8,6 @@ use std::time::{Duration, Instant};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-fn src(last: u8) -> Option<IpAddr> {
-    Some(IpAddr::from([127, 0, 0, last]))
-}
-
-fn from(last: u8) -> ClientOptions {
-    ClientOptions {
-        source: src(last),
-        ..Default::default()
-    }
-}
-
 /// A refusal before TLS: the socket is closed (EOF or reset) at once and no byte — no
 /// ServerHello — comes back, even to a real ClientHello.
 async fn assert_refused_before_tls(addr: SocketAddr, certs: &TestCerts, source: Option<IpAddr>) {

@@ -21,14 +21,6 @@ fn docker_file(name: &str) -> PathBuf {
         .join(name)
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A child process whose output is collected; killed on drop.
 struct Service {
     child: Child,

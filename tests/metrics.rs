@@ -10,17 +10,6 @@ use portcullis::config::Config;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-fn src(last: u8) -> Option<IpAddr> {
-    Some(IpAddr::from([127, 0, 0, last]))
-}
-
-fn from(last: u8) -> ClientOptions {
-    ClientOptions {
-        source: src(last),
-        ..Default::default()
-    }
-}
-
 async fn scrape(admin: SocketAddr) -> String {
     tokio::task::spawn_blocking(move || http_get(admin, "/metrics"))
         .await
@@ -266,31 +255,10 @@ async fn every_path_is_counted() {
     assert_eq!((health, ready, missing), (200, 200, 404));
 }
 
-fn spawn_gateway(certs: &TestCerts, extra: &str) -> Process {
-    let config = write_config(certs, extra);
-    Process::spawn(
-        certs.dir.path(),
-        &[
-            "--config",
-            config.to_str().unwrap(),
-            "--admin-listen",
-            "127.0.0.1:0",
-        ],
-    )
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn promtool_and_a_real_prometheus_accept_the_metrics() {
     let certs = TestCerts::new();
-    let gateway = spawn_gateway(&certs, "");
+    let gateway = Process::gateway(&certs, "");
     let mut c = Client::authed(gateway.addr, &certs).await;
     for _ in 0..20 {
         assert_eq!(c.request_line("PING").await, "OK PONG");
@@ -396,7 +364,7 @@ fn urlencode(s: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_turns_503_on_sigterm_while_healthz_stays_200() {
     let certs = TestCerts::new();
-    let mut gateway = spawn_gateway(&certs, "");
+    let mut gateway = Process::gateway(&certs, "");
     let admin = gateway.admin;
     let get = move |path: &'static str| http_get(admin, path).map(|r| r.0).unwrap_or(0);
     assert_eq!(
@@ -427,7 +395,7 @@ async fn readyz_turns_503_on_sigterm_while_healthz_stays_200() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_refusals_writes_few_log_lines() {
     let certs = TestCerts::new();
-    let gateway = spawn_gateway(&certs, "[access]\ndeny = [\"127.0.0.60/32\"]\n");
+    let gateway = Process::gateway(&certs, "[access]\ndeny = [\"127.0.0.60/32\"]\n");
     for _ in 0..1000 {
         if let Ok(tcp) = tcp_connect(gateway.addr, src(60)).await {
             drop(tcp);

@@ -10,12 +10,7 @@ use support::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_in_flight_requests_closes_idle_ones_and_exits_0() {
     let certs = TestCerts::new();
-    let config = write_config(&certs, "");
-    let config = config.to_str().unwrap();
-    let mut gateway = Process::spawn(
-        certs.dir.path(),
-        &["--config", config, "--admin-listen", "127.0.0.1:0"],
-    );
+    let mut gateway = Process::gateway(&certs, "");
 
     let mut idle = Client::authed(gateway.addr, &certs).await;
     let mut busy = Client::authed(gateway.addr, &certs).await;
@@ -46,12 +41,7 @@ async fn sigterm_finishes_in_flight_requests_closes_idle_ones_and_exits_0() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_signal_skips_the_drain_wait() {
     let certs = TestCerts::new();
-    let config = write_config(&certs, "");
-    let config = config.to_str().unwrap();
-    let mut gateway = Process::spawn(
-        certs.dir.path(),
-        &["--config", config, "--admin-listen", "127.0.0.1:0"],
-    );
+    let mut gateway = Process::gateway(&certs, "");
     let mut busy = Client::authed(gateway.addr, &certs).await;
     busy.send(b"ECHO never-finished").await;
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -278,16 +268,7 @@ async fn accept_loop_survives_running_out_of_file_descriptors() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn healthcheck_command_reports_the_admin_endpoint() {
     let certs = TestCerts::new();
-    let config = write_config(&certs, "");
-    let gateway = Process::spawn(
-        certs.dir.path(),
-        &[
-            "--config",
-            config.to_str().unwrap(),
-            "--admin-listen",
-            "127.0.0.1:0",
-        ],
-    );
+    let gateway = Process::gateway(&certs, "");
     let run = |url: String| {
         std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
             .args(["healthcheck", "--url", &url])

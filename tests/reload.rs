@@ -80,18 +80,9 @@ async fn sighup_swaps_certificates_without_failing_a_handshake() {
     let other_serial = serial_of(&other.server_cert);
 
     // The loop below opens connections as fast as it can: lift the per-IP rate limit.
-    let config = write_config(
+    let gateway = Process::gateway(
         &certs,
         "[limits]\nconnection_rate_per_ip = 100000\nconnection_burst_per_ip = 100000\n",
-    );
-    let gateway = Process::spawn(
-        certs.dir.path(),
-        &[
-            "--config",
-            config.to_str().unwrap(),
-            "--admin-listen",
-            "127.0.0.1:0",
-        ],
     );
     let connector = connector(&[&certs.paths.ca_cert, &other.ca_cert]);
     let addr = gateway.addr;
@@ -193,16 +184,7 @@ async fn sighup_swaps_certificates_without_failing_a_handshake() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_are_reloaded_too() {
     let certs = TestCerts::new();
-    let config = write_config(&certs, "");
-    let gateway = Process::spawn(
-        certs.dir.path(),
-        &[
-            "--config",
-            config.to_str().unwrap(),
-            "--admin-listen",
-            "127.0.0.1:0",
-        ],
-    );
+    let gateway = Process::gateway(&certs, "");
     let mut c = Client::connect(gateway.addr, &certs).await;
     assert_eq!(c.request_line("AUTH bob-token").await, "ERR AUTH_FAILED");
     let extra = format!(

@@ -287,6 +287,16 @@ pub struct Process {
 }
 
 impl Process {
+    /// Starts a gateway on `write_config(certs, extra)`, admin on a free loopback port.
+    pub fn gateway(certs: &TestCerts, extra: &str) -> Process {
+        let config = write_config(certs, extra);
+        let config = config.to_str().expect("utf-8 path");
+        Process::spawn(
+            certs.dir.path(),
+            &["--config", config, "--admin-listen", "127.0.0.1:0"],
+        )
+    }
+
     /// Starts the binary in `dir` with `args` and waits for its "serving" log line.
     pub fn spawn(dir: &Path, args: &[&str]) -> Process {
         let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"));
@@ -493,4 +503,27 @@ pub async fn wait_active(gateway: &Gateway, n: usize) {
     }
     // The rest of admission follows in the same poll of the connection's task.
     tokio::time::sleep(Duration::from_millis(20)).await;
+}
+
+/// The loopback source address 127.0.0.`last`, to test per-address limits.
+pub fn src(last: u8) -> Option<IpAddr> {
+    Some(IpAddr::from([127, 0, 0, last]))
+}
+
+/// Client options connecting from 127.0.0.`last`.
+pub fn from(last: u8) -> ClientOptions {
+    ClientOptions {
+        source: src(last),
+        ..Default::default()
+    }
+}
+
+/// A loopback port that was free a moment ago (for programs that cannot bind port 0 and
+/// report it, such as Prometheus).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
 }
