@@ -123,7 +123,7 @@ impl MessageCodec {
 
     fn decode_text(&mut self, src: &mut BytesMut) -> Result<Option<Message>, TooLarge> {
         loop {
-            let Some(offset) = src[self.scanned..].iter().position(|&b| b == b'\n') else {
+            let Some(offset) = memchr::memchr(b'\n', &src[self.scanned..]) else {
                 self.scanned = src.len();
                 return if self.line_cannot_fit(src) {
                     Err(self.line_too_large())

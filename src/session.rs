@@ -13,7 +13,7 @@ use governor::{DefaultDirectRateLimiter, RateLimiter};
 use rustls::ServerConnection;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::time::{sleep_until, timeout, timeout_at, Instant};
+use tokio::time::{timeout, timeout_at, Instant};
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 
@@ -240,6 +240,13 @@ impl Session<'_> {
         let auth_deadline = Instant::now() + gateway.config.auth.auth_timeout;
         let mut idle_deadline = Instant::now() + limits.idle_timeout;
         let mut draining = false;
+        // Made once and polled by reference: registering and dropping a waiter and a timer
+        // on every request cost more than the request itself.
+        let force = shutdown.force.cancelled();
+        let ban = banned.cancelled();
+        let closing = shutdown.closing.cancelled();
+        let timer = tokio::time::sleep_until(idle_deadline);
+        tokio::pin!(force, ban, closing, timer);
         loop {
             match self.process_buffered() {
                 Step::Continue { served } => {
@@ -269,13 +276,16 @@ impl Session<'_> {
             } else {
                 (idle_deadline, CloseReason::IdleTimeout)
             };
+            if timer.deadline() != deadline {
+                timer.as_mut().reset(deadline);
+            }
             let event = tokio::select! {
                 biased;
-                _ = shutdown.force.cancelled() => Err(CloseReason::Shutdown),
-                _ = banned.cancelled() => Err(CloseReason::Banned),
+                _ = &mut force => Err(CloseReason::Shutdown),
+                _ = &mut ban => Err(CloseReason::Banned),
                 event = std::future::poll_fn(|cx| self.poll_io(cx)) => Ok(event),
-                _ = sleep_until(deadline) => Err(expired),
-                _ = shutdown.closing.cancelled(), if !draining => {
+                _ = &mut timer => Err(expired),
+                _ = &mut closing, if !draining => {
                     draining = true;
                     continue;
                 }

@@ -85,7 +85,7 @@ pub struct Request {
 
 impl Request {
     pub fn parse(message: Bytes) -> Request {
-        match message.iter().position(|&b| b == b' ') {
+        match memchr::memchr(b' ', &message) {
             Some(space) => Request {
                 verb: Verb::from_bytes(&message[..space]),
                 arg: Some(message.slice(space + 1..)),
