@@ -64,13 +64,29 @@ impl ProxySettings {
         self.mode != ProxyMode::Off && self.trusted.iter().any(|net| net.contains(&ip))
     }
 
+    /// What can be decided without reading a byte: for a peer that is not a trusted
+    /// balancer, its own address (or, in `required` mode, a refusal). `None` when a header
+    /// must be read first.
+    pub fn decide_without_reading(
+        &self,
+        socket_ip: IpAddr,
+    ) -> Option<Result<IpAddr, RejectReason>> {
+        if self.trusts(socket_ip) {
+            return None;
+        }
+        Some(match self.mode {
+            ProxyMode::Required => Err(RejectReason::ProxyRequired),
+            _ => Ok(socket_ip),
+        })
+    }
+
     /// Decides the client address of a connection from `socket_ip`, reading a header from
     /// a trusted peer. Bytes read past the header are left in `io`.
     pub async fn accept(&self, io: &mut Rewind, socket_ip: IpAddr) -> Outcome {
-        if !self.trusts(socket_ip) {
-            return match self.mode {
-                ProxyMode::Required => Outcome::Refused(RejectReason::ProxyRequired),
-                _ => Outcome::Client(socket_ip),
+        if let Some(decided) = self.decide_without_reading(socket_ip) {
+            return match decided {
+                Ok(ip) => Outcome::Client(ip),
+                Err(reason) => Outcome::Refused(reason),
             };
         }
         let read = tokio::time::timeout(self.header_timeout, self.read_header(io)).await;

@@ -264,8 +264,9 @@ async fn accept_loop(listener: &TcpListener, gateway: &Arc<Gateway>, tracker: &T
         match listener.accept().await {
             Ok((stream, peer)) => {
                 backoff = ACCEPT_BACKOFF_MIN;
-                let _ = stream.set_nodelay(true);
-                tracker.spawn(crate::session::run(stream, peer, gateway.clone()));
+                if let Some(accepted) = crate::session::accept(stream, peer, gateway) {
+                    tracker.spawn(crate::session::run(accepted, gateway.clone()));
+                }
             }
             Err(e) if is_per_connection(&e) => {
                 tracing::debug!(error = %e, "accept: connection gone before it was accepted");

@@ -13,16 +13,17 @@ use governor::{DefaultDirectRateLimiter, RateLimiter};
 use rustls::ServerConnection;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{timeout, timeout_at, Instant};
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::admission::normalize_ip;
+use crate::admission::{normalize_ip, ClientGuard, ConnectionGuard};
 use crate::auth::{certificate_identity, AuthMethod, Principal};
 use crate::codec::{Framing, Message, MessageCodec, TooLarge};
 use crate::command::{self, After, Context, Reply, Request};
 use crate::config::AuthMode;
-use crate::error::{CloseReason, ErrorCode, SecurityEvent};
+use crate::error::{CloseReason, ErrorCode, RejectReason, SecurityEvent};
 use crate::metrics::{self, Direction, HandshakeResult};
 use crate::proxy_protocol::{self, Outcome, Rewind};
 use crate::server::Gateway;
@@ -37,37 +38,110 @@ const DISCARD_BYTES: usize = 256 * 1024;
 /// The most read from the socket in one call; the codec's caps bound the buffer itself.
 const READ_CHUNK: usize = 8 * 1024;
 
-/// Serves one accepted TCP connection until it closes.
-pub async fn run(stream: TcpStream, peer: SocketAddr, gateway: Arc<Gateway>) {
+/// A connection past the admission steps that need no byte from the peer.
+pub struct Accepted {
+    stream: TcpStream,
+    socket_ip: IpAddr,
+    /// Its place under `max_connections`, held for its whole life.
+    _connection: ConnectionGuard,
+    /// Already admitted as a client, unless a trusted balancer's PROXY header must be read
+    /// first to learn who the client is.
+    client: Option<AdmittedClient>,
+}
+
+/// A client that passed every per-client check.
+struct AdmittedClient {
+    ip: IpAddr,
+    guard: ClientGuard,
+    handshake: OwnedSemaphorePermit,
+}
+
+/// Runs in the accept loop, before any task exists: the global cap and, for a peer that is
+/// not a trusted balancer, every per-client check. A refused connection costs an accept and
+/// a close (reset), and neither a task nor a byte of TLS.
+pub fn accept(stream: TcpStream, peer: SocketAddr, gateway: &Gateway) -> Option<Accepted> {
     metrics::connection_accepted();
-    let admission = &gateway.admission;
-    let _connection = match admission.admit_connection() {
-        Ok(guard) => guard,
-        Err(reason) => return refuse(&stream, normalize_ip(peer.ip()), reason),
-    };
-    let mut io = Rewind::new(stream);
     let socket_ip = normalize_ip(peer.ip());
-    let ip = match gateway.proxy.accept(&mut io, socket_ip).await {
-        Outcome::Client(ip) => ip,
-        Outcome::Closed => return,
-        Outcome::Refused(reason) => return refuse(io.tcp(), socket_ip, reason),
-    };
-    let client = match admission.admit_client(ip) {
+    let connection = match gateway.admission.admit_connection() {
         Ok(guard) => guard,
-        Err(reason) => return refuse(io.tcp(), ip, reason),
+        Err(reason) => {
+            refuse(&stream, socket_ip, reason);
+            return None;
+        }
     };
-    let handshake_permit = match admission.admit_handshake() {
-        Ok(permit) => permit,
-        Err(reason) => return refuse(io.tcp(), ip, reason),
+    let client = match gateway.proxy.decide_without_reading(socket_ip) {
+        None => None,
+        Some(Ok(ip)) => match admit_client(ip, gateway) {
+            Ok(client) => Some(client),
+            Err(reason) => {
+                refuse(&stream, ip, reason);
+                return None;
+            }
+        },
+        Some(Err(reason)) => {
+            refuse(&stream, socket_ip, reason);
+            return None;
+        }
     };
-    let reason = serve(io, ip, handshake_permit, &client.banned, &gateway).await;
+    // Replies are small and flushed per batch: do not let Nagle hold them back.
+    let _ = stream.set_nodelay(true);
+    Some(Accepted {
+        stream,
+        socket_ip,
+        _connection: connection,
+        client,
+    })
+}
+
+/// Access lists, ban, per-client rate and concurrency, then a handshake slot.
+fn admit_client(ip: IpAddr, gateway: &Gateway) -> Result<AdmittedClient, RejectReason> {
+    let guard = gateway.admission.admit_client(ip)?;
+    let handshake = gateway.admission.admit_handshake()?;
+    Ok(AdmittedClient {
+        ip,
+        guard,
+        handshake,
+    })
+}
+
+/// Serves an accepted connection until it closes.
+pub async fn run(accepted: Accepted, gateway: Arc<Gateway>) {
+    let Accepted {
+        stream,
+        socket_ip,
+        _connection,
+        client,
+    } = accepted;
+    let mut io = Rewind::new(stream);
+    let client = match client {
+        Some(client) => client,
+        None => {
+            let ip = match gateway.proxy.accept(&mut io, socket_ip).await {
+                Outcome::Client(ip) => ip,
+                Outcome::Closed => return,
+                Outcome::Refused(reason) => {
+                    refuse(io.tcp(), socket_ip, reason);
+                    return;
+                }
+            };
+            match admit_client(ip, &gateway) {
+                Ok(client) => client,
+                Err(reason) => {
+                    refuse(io.tcp(), ip, reason);
+                    return;
+                }
+            }
+        }
+    };
+    let ip = client.ip;
+    let reason = serve(io, ip, client.handshake, &client.guard.banned, &gateway).await;
     metrics::connection_closed(reason);
     tracing::debug!(%ip, reason = reason.as_str(), "connection closed");
 }
 
 /// Closes a refused connection at once, with a reset (no TIME_WAIT left on the gateway),
 /// before a byte of TLS.
-fn refuse(stream: &TcpStream, ip: IpAddr, reason: crate::error::RejectReason) {
+fn refuse(stream: &TcpStream, ip: IpAddr, reason: RejectReason) {
     metrics::connection_rejected(reason, ip);
     let _ = stream.set_zero_linger();
 }
@@ -75,7 +149,7 @@ fn refuse(stream: &TcpStream, ip: IpAddr, reason: crate::error::RejectReason) {
 async fn serve(
     stream: Rewind,
     ip: IpAddr,
-    handshake_permit: tokio::sync::OwnedSemaphorePermit,
+    handshake_permit: OwnedSemaphorePermit,
     banned: &CancellationToken,
     gateway: &Gateway,
 ) -> CloseReason {
