@@ -295,12 +295,19 @@ impl Default for ProxyProtocolSection {
 pub struct AdminSection {
     /// `/metrics`, `/healthz`, `/readyz`. Loopback by default: metrics are not public.
     pub listen: SocketAddr,
+    /// Admin connections open at once; more are closed at accept.
+    pub max_connections: usize,
+    /// An admin connection with no traffic for this long is closed (scrapers reconnect).
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
 }
 
 impl Default for AdminSection {
     fn default() -> Self {
         AdminSection {
             listen: "127.0.0.1:9464".parse().expect("constant address"),
+            max_connections: 64,
+            idle_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -448,7 +455,7 @@ impl Config {
 
     fn validate_limits(&self) -> Result<(), ConfigError> {
         let l = &self.limits;
-        let positive: [(&str, u64); 9] = [
+        let positive: [(&str, u64); 10] = [
             ("limits.max_connections", l.max_connections as u64),
             (
                 "limits.max_connections_per_ip",
@@ -472,6 +479,7 @@ impl Config {
                 "limits.max_write_buffer_bytes",
                 l.max_write_buffer_bytes as u64,
             ),
+            ("admin.max_connections", self.admin.max_connections as u64),
             ("auth.max_failures", self.auth.max_failures.into()),
         ];
         if let Some((key, _)) = positive.iter().find(|(_, v)| *v == 0) {

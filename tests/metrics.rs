@@ -427,3 +427,39 @@ async fn a_flood_of_refusals_writes_few_log_lines() {
         "no summary of suppressed lines"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_connections_are_capped_and_idle_ones_closed() {
+    let certs = TestCerts::new();
+    let server = server_with(&certs, |c| {
+        c.admin.max_connections = 4;
+        c.admin.idle_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let mut idle = Vec::new();
+    for _ in 0..4 {
+        idle.push(tcp_connect(server.admin, None).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Over the cap: closed at once.
+    let mut extra = tcp_connect(server.admin, None).await.unwrap();
+    let mut buf = [0u8; 16];
+    let r = tokio::time::timeout(Duration::from_millis(200), extra.read(&mut buf)).await;
+    assert!(
+        matches!(r, Ok(Ok(0)) | Ok(Err(_))),
+        "a fifth admin connection was kept: {r:?}"
+    );
+    // The idle ones are closed after admin.idle_timeout, and the listener answers again.
+    for mut tcp in idle {
+        let r = tokio::time::timeout(Duration::from_secs(2), tcp.read(&mut buf)).await;
+        assert!(
+            matches!(r, Ok(Ok(0)) | Ok(Err(_))),
+            "an idle admin connection was kept: {r:?}"
+        );
+    }
+    let admin = server.admin;
+    let status = tokio::task::spawn_blocking(move || http_get(admin, "/healthz").unwrap().0)
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+}
