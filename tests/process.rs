@@ -291,17 +291,11 @@ async fn healthcheck_command_reports_the_admin_endpoint() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_delay_keeps_serving_new_connections_with_readyz_503() {
     let certs = TestCerts::new();
-    let config = write_config(&certs, "");
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"));
-    command
-        .args([
-            "--config",
-            config.to_str().unwrap(),
-            "--admin-listen",
-            "127.0.0.1:0",
-        ])
-        .env("PORTCULLIS_SERVER_SHUTDOWN_DELAY", "1500ms");
-    let mut gateway = Process::spawn_command(command);
+    let mut gateway = Process::gateway_with_env(
+        &certs,
+        "",
+        &[("PORTCULLIS_SERVER_SHUTDOWN_DELAY", "1500ms")],
+    );
     gateway.signal(libc::SIGTERM);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let admin = gateway.admin;

@@ -201,18 +201,9 @@ async fn tokens_are_reloaded_too() {
 async fn reload_interval_polls_the_files() {
     let certs = TestCerts::new();
     let other = generate_certs(&certs.dir.path().join("other"), &default_sans()).unwrap();
-    let config = write_config(&certs, "");
     // Through the environment, as an operator of a container would set it.
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"));
-    command
-        .args([
-            "--config",
-            config.to_str().unwrap(),
-            "--admin-listen",
-            "127.0.0.1:0",
-        ])
-        .env("PORTCULLIS_TLS_RELOAD_INTERVAL", "200ms");
-    let gateway = Process::spawn_command(command);
+    let gateway =
+        Process::gateway_with_env(&certs, "", &[("PORTCULLIS_TLS_RELOAD_INTERVAL", "200ms")]);
     let connector = connector(&[&certs.paths.ca_cert, &other.ca_cert]);
     assert_eq!(
         served_serial(&connector, gateway.addr).await.unwrap(),

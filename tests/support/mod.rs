@@ -289,12 +289,23 @@ pub struct Process {
 impl Process {
     /// Starts a gateway on `write_config(certs, extra)`, admin on a free loopback port.
     pub fn gateway(certs: &TestCerts, extra: &str) -> Process {
+        Process::gateway_with_env(certs, extra, &[])
+    }
+
+    /// The same, with `PORTCULLIS_*` overrides in its environment.
+    pub fn gateway_with_env(certs: &TestCerts, extra: &str, env: &[(&str, &str)]) -> Process {
         let config = write_config(certs, extra);
-        let config = config.to_str().expect("utf-8 path");
-        Process::spawn(
-            certs.dir.path(),
-            &["--config", config, "--admin-listen", "127.0.0.1:0"],
-        )
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"));
+        command
+            .args([
+                "--config",
+                config.to_str().expect("utf-8 path"),
+                "--admin-listen",
+                "127.0.0.1:0",
+            ])
+            .current_dir(certs.dir.path())
+            .envs(env.iter().copied());
+        Process::spawn_command(command)
     }
 
     /// Starts the binary in `dir` with `args` and waits for its "serving" log line.
