@@ -25,7 +25,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
-use crate::server::Gateway;
+use crate::gateway::Gateway;
 
 #[derive(Clone)]
 struct AdminState {

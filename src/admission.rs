@@ -33,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::error::RejectReason;
+use crate::metrics::LimiterKeys;
 
 /// The client's address as reported: IPv4-mapped IPv6 (`::ffff:a.b.c.d`, as a dual-stack
 /// socket reports IPv4 peers) becomes IPv4.
@@ -58,15 +59,6 @@ pub fn client_key(ip: IpAddr, ipv6_prefix: u8) -> IpAddr {
         }
         v4 => v4,
     }
-}
-
-/// How many keys each limiter holds: the `portcullis_limiter_keys` gauge.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LimiterKeys {
-    pub connection_rate: usize,
-    pub concurrency: usize,
-    pub auth_failures: usize,
-    pub bans: usize,
 }
 
 /// Recent authentication failures of one key.

@@ -10,23 +10,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::config::TokenEntry;
-
-/// How a connection authenticated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AuthMethod {
-    Token,
-    Mtls,
-}
-
-impl AuthMethod {
-    /// The metric label.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            AuthMethod::Token => "token",
-            AuthMethod::Mtls => "mtls",
-        }
-    }
-}
+pub use crate::error::AuthMethod;
 
 /// An authenticated identity.
 #[derive(Debug, Clone, PartialEq, Eq)]

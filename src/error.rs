@@ -227,3 +227,81 @@ mod tests {
         assert!(seen.iter().all(|&s| s));
     }
 }
+
+/// How a connection authenticated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMethod {
+    Token,
+    Mtls,
+}
+
+impl AuthMethod {
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthMethod::Token => "token",
+            AuthMethod::Mtls => "mtls",
+        }
+    }
+}
+
+/// The verbs, a closed set: also the `command` metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verb {
+    Ping,
+    Echo,
+    Auth,
+    Whoami,
+    Help,
+    Quit,
+    Unknown,
+}
+
+impl Verb {
+    /// The verbs `HELP` lists, in its order.
+    pub const KNOWN: [Verb; 6] = [
+        Verb::Ping,
+        Verb::Echo,
+        Verb::Auth,
+        Verb::Whoami,
+        Verb::Help,
+        Verb::Quit,
+    ];
+
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verb::Ping => "ping",
+            Verb::Echo => "echo",
+            Verb::Auth => "auth",
+            Verb::Whoami => "whoami",
+            Verb::Help => "help",
+            Verb::Quit => "quit",
+            Verb::Unknown => "unknown",
+        }
+    }
+
+    pub(crate) fn wire_name(self) -> &'static str {
+        match self {
+            Verb::Ping => "PING",
+            Verb::Echo => "ECHO",
+            Verb::Auth => "AUTH",
+            Verb::Whoami => "WHOAMI",
+            Verb::Help => "HELP",
+            Verb::Quit => "QUIT",
+            Verb::Unknown => "",
+        }
+    }
+
+    pub(crate) fn from_bytes(verb: &[u8]) -> Verb {
+        Verb::KNOWN
+            .into_iter()
+            .find(|v| v.wire_name().as_bytes().eq_ignore_ascii_case(verb))
+            .unwrap_or(Verb::Unknown)
+    }
+
+    /// May this verb be served before the connection is authenticated?
+    pub(crate) fn allowed_before_auth(self) -> bool {
+        matches!(self, Verb::Ping | Verb::Auth | Verb::Help | Verb::Quit)
+    }
+}

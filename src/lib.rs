@@ -10,8 +10,8 @@
 //!    client address; [`admission`] then decides, before any TLS work and at the cost of an
 //!    accept and a close, whether that client may connect at all: the one place a
 //!    connection is admitted.
-//! 3. [`tls`] holds the rustls configuration (hot-swappable); [`session`] runs the handshake
-//!    under a timeout and then the connection itself.
+//! 3. [`tls`] holds the rustls configuration (hot-swappable); [`handshake`] runs the
+//!    handshake under a timeout, and [`session`] tells the story of the connection itself.
 //! 4. [`codec`] splits the byte stream into binary frames or text lines, refusing any
 //!    message over its cap before buffering it.
 //! 5. [`auth`] turns a client certificate or a token into a principal; [`command`] serves
@@ -20,6 +20,7 @@
 //!    serves `/metrics`, `/healthz` and `/readyz`; [`error`] holds the closed sets that
 //!    become labels.
 //!
+//! [`gateway`] is the state every connection shares (it imports nothing above it),
 //! [`config`] is the typed configuration, [`reload`] swaps certificates and tokens on
 //! SIGHUP, and [`bootstrap`] is the development set-up.
 
@@ -31,6 +32,8 @@ pub mod codec;
 pub mod command;
 pub mod config;
 pub mod error;
+pub mod gateway;
+pub mod handshake;
 pub mod metrics;
 pub mod proxy_protocol;
 pub mod reload;

@@ -149,7 +149,7 @@ fn check_config(path: Option<PathBuf>, flags: &FlagOverrides) -> anyhow::Result<
     let result = Config::load(path.as_deref(), std::env::vars(), flags)
         .map_err(anyhow::Error::from)
         .and_then(|config| {
-            portcullis::server::Gateway::new(config.clone(), Shutdown::new())?;
+            portcullis::gateway::Gateway::new(config.clone(), Shutdown::new())?;
             Ok(config)
         });
     match result {

@@ -16,10 +16,7 @@ use metrics::{
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::admission::LimiterKeys;
-use crate::auth::AuthMethod;
-use crate::command::Verb;
-use crate::error::{CloseReason, RejectReason, SecurityEvent};
+use crate::error::{AuthMethod, CloseReason, RejectReason, SecurityEvent, Verb};
 
 pub const CONNECTIONS_ACCEPTED: &str = "portcullis_connections_accepted_total";
 pub const CONNECTIONS_REJECTED: &str = "portcullis_connections_rejected_total";
@@ -37,6 +34,15 @@ pub const LIMITER_KEYS: &str = "portcullis_limiter_keys";
 pub const CERT_NOT_AFTER: &str = "portcullis_cert_not_after_timestamp_seconds";
 pub const CERT_RELOADS: &str = "portcullis_cert_reloads_total";
 pub const BUILD_INFO: &str = "portcullis_build_info";
+
+/// How many keys each limiter holds: the `portcullis_limiter_keys` gauge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimiterKeys {
+    pub connection_rate: usize,
+    pub concurrency: usize,
+    pub auth_failures: usize,
+    pub bans: usize,
+}
 
 /// Handshakes take from ~100 µs (resumed, loopback) to the 10 s default timeout.
 const HANDSHAKE_BUCKETS: &[f64] = &[

@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
-use crate::server::Gateway;
+use crate::gateway::Gateway;
 
 /// Reloads on SIGHUP and when the watched files change, until `stop`.
 pub async fn watch(gateway: &Gateway, stop: CancellationToken) {

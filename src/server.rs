@@ -6,18 +6,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::admission::Admission;
-use crate::auth::TokenStore;
 use crate::config::Config;
-use crate::proxy_protocol::ProxySettings;
+use crate::gateway::{Gateway, StartError};
 use crate::shutdown::Shutdown;
-use crate::tls::{TlsMaterial, TlsSettings, TlsState};
 
 /// The listen backlog: large enough to absorb bursts without SYN drops.
 const BACKLOG: u32 = 1024;
@@ -28,100 +24,6 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 const FORCE_GRACE: Duration = Duration::from_secs(1);
 /// How often held-back security-log lines are summed up and metric storage is compacted.
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(1);
-
-/// Why the gateway could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    #[error(transparent)]
-    Tls(#[from] crate::tls::TlsError),
-    #[error(transparent)]
-    Tokens(#[from] crate::auth::BadDigest),
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
-}
-
-/// Everything a connection needs, shared by all of them.
-pub struct Gateway {
-    pub config: Config,
-    pub tls: TlsState,
-    /// Swapped whole on reload; a connection reads it per `AUTH`.
-    pub tokens: ArcSwap<TokenStore>,
-    pub admission: Admission,
-    /// Which peers' PROXY headers are read, and how.
-    pub proxy: ProxySettings,
-    /// `commands_per_second` / `commands_burst`, for each connection's own limiter.
-    pub command_quota: governor::Quota,
-    pub shutdown: Shutdown,
-}
-
-impl Gateway {
-    /// Loads TLS material and tokens; fails on anything the configuration got wrong.
-    pub fn new(config: Config, shutdown: Shutdown) -> Result<Self, StartError> {
-        let settings = TlsSettings::from_config(&config);
-        let material = TlsMaterial::load(&settings)?;
-        crate::metrics::cert_not_after(material.not_after);
-        let tokens = TokenStore::from_entries(&config.auth.tokens)?;
-        Ok(Gateway {
-            tls: TlsState::new(settings, &material),
-            tokens: ArcSwap::from_pointee(tokens),
-            admission: Admission::new(&config),
-            proxy: ProxySettings::new(&config.proxy_protocol),
-            command_quota: crate::admission::per_second(
-                config.limits.commands_per_second,
-                config.limits.commands_burst,
-            ),
-            config,
-            shutdown,
-        })
-    }
-}
-
-/// Why a reload failed; the old material stays in use.
-#[derive(Debug, thiserror::Error)]
-pub enum ReloadError {
-    #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
-    #[error(transparent)]
-    Tokens(#[from] crate::auth::BadDigest),
-    #[error(transparent)]
-    Tls(#[from] crate::tls::TlsError),
-}
-
-impl Gateway {
-    /// Reloads the certificate, key, client CA and (when the configuration came from a
-    /// file) the token list, all or nothing. Counted in `portcullis_cert_reloads_total`.
-    pub fn reload(&self) -> Result<(), ReloadError> {
-        let result = self.try_reload();
-        crate::metrics::cert_reload(result.is_ok());
-        match &result {
-            Ok(()) => tracing::info!("reloaded certificate, client CA and tokens"),
-            Err(e) => {
-                tracing::error!(error = %e, "reload failed; still serving the previous material")
-            }
-        }
-        result
-    }
-
-    fn try_reload(&self) -> Result<(), ReloadError> {
-        let tokens = match &self.config.source {
-            Some(path) => {
-                let fresh = Config::load(Some(path), std::env::vars(), &Default::default())?;
-                Some(TokenStore::from_entries(&fresh.auth.tokens)?)
-            }
-            None => None,
-        };
-        let material = self.tls.reload()?;
-        crate::metrics::cert_not_after(material.not_after);
-        tracing::info!(serial = %material.serial, "serving certificate");
-        if let Some(tokens) = tokens {
-            self.tokens.store(Arc::new(tokens));
-        }
-        Ok(())
-    }
-}
 
 /// A bound, not yet serving, gateway.
 pub struct Server {

@@ -4,13 +4,17 @@
 //! names the key it is about: unknown keys and type errors carry their TOML path (through
 //! `serde_path_to_error`), and validation errors carry the dotted key.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
+
+mod env;
+mod validate;
+
+use env::apply_env;
 
 /// The largest `max_frame_bytes` allowed: 16 MiB - 1, which keeps the first byte of every
 /// valid binary frame at `0x00` so that framing can be auto-detected from it.
@@ -414,138 +418,6 @@ impl Config {
             }
         }
     }
-
-    /// Checks every rule that the types alone do not express.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        let p = &self.protocol;
-        if p.max_frame_bytes == 0 || p.max_frame_bytes > MAX_FRAME_CAP {
-            return Err(ConfigError::key(
-                "protocol.max_frame_bytes",
-                format!(
-                    "must be between 1 and {MAX_FRAME_CAP} (16 MiB - 1), got {}",
-                    p.max_frame_bytes
-                ),
-            ));
-        }
-        if p.max_line_bytes == 0 || p.max_line_bytes > MAX_LINE_CAP {
-            return Err(ConfigError::key(
-                "protocol.max_line_bytes",
-                format!(
-                    "must be between 1 and {MAX_LINE_CAP}, got {}",
-                    p.max_line_bytes
-                ),
-            ));
-        }
-        self.validate_limits()?;
-        self.validate_auth()?;
-        if self.proxy_protocol.max_v2_bytes > 65535 {
-            return Err(ConfigError::key(
-                "proxy_protocol.max_v2_bytes",
-                "must be at most 65535 (a v2 header's length is 16 bits)",
-            ));
-        }
-        if self.proxy_protocol.mode != ProxyMode::Off && self.proxy_protocol.trusted.is_empty() {
-            return Err(ConfigError::key(
-                "proxy_protocol.trusted",
-                "must list the load balancers' networks when mode is not \"off\"",
-            ));
-        }
-        Ok(())
-    }
-
-    fn validate_limits(&self) -> Result<(), ConfigError> {
-        let l = &self.limits;
-        let positive: [(&str, u64); 10] = [
-            ("limits.max_connections", l.max_connections as u64),
-            (
-                "limits.max_connections_per_ip",
-                l.max_connections_per_ip as u64,
-            ),
-            (
-                "limits.connection_rate_per_ip",
-                l.connection_rate_per_ip.into(),
-            ),
-            (
-                "limits.connection_burst_per_ip",
-                l.connection_burst_per_ip.into(),
-            ),
-            (
-                "limits.max_handshakes_in_flight",
-                l.max_handshakes_in_flight as u64,
-            ),
-            ("limits.commands_per_second", l.commands_per_second.into()),
-            ("limits.commands_burst", l.commands_burst.into()),
-            (
-                "limits.max_write_buffer_bytes",
-                l.max_write_buffer_bytes as u64,
-            ),
-            ("admin.max_connections", self.admin.max_connections as u64),
-            ("auth.max_failures", self.auth.max_failures.into()),
-        ];
-        if let Some((key, _)) = positive.iter().find(|(_, v)| *v == 0) {
-            return Err(ConfigError::key(key, "must be greater than 0"));
-        }
-        let durations = [
-            ("limits.handshake_timeout", l.handshake_timeout),
-            ("limits.idle_timeout", l.idle_timeout),
-            ("limits.prune_interval", l.prune_interval),
-            ("auth.auth_timeout", self.auth.auth_timeout),
-            ("auth.failure_window", self.auth.failure_window),
-            (
-                "proxy_protocol.header_timeout",
-                self.proxy_protocol.header_timeout,
-            ),
-        ];
-        if let Some((key, _)) = durations.iter().find(|(_, d)| d.is_zero()) {
-            return Err(ConfigError::key(key, "must be greater than 0s"));
-        }
-        if l.ipv6_prefix == 0 || l.ipv6_prefix > 128 {
-            return Err(ConfigError::key(
-                "limits.ipv6_prefix",
-                "must be between 1 and 128",
-            ));
-        }
-        Ok(())
-    }
-
-    fn validate_auth(&self) -> Result<(), ConfigError> {
-        let a = &self.auth;
-        if a.mode == AuthMode::Mtls && self.tls.client_ca().is_none() {
-            return Err(ConfigError::key(
-                "auth.mode",
-                "\"mtls\" needs tls.client_ca",
-            ));
-        }
-        if a.require_client_cert && self.tls.client_ca().is_none() {
-            return Err(ConfigError::key(
-                "auth.require_client_cert",
-                "needs tls.client_ca",
-            ));
-        }
-        let mut names = std::collections::HashSet::new();
-        for (i, token) in a.tokens.iter().enumerate() {
-            let key = format!("auth.tokens[{i}]");
-            if token.name.is_empty() || token.name.bytes().any(|b| !b.is_ascii_graphic()) {
-                return Err(ConfigError::key(
-                    &format!("{key}.name"),
-                    "must be non-empty printable ASCII without spaces",
-                ));
-            }
-            if !names.insert(token.name.as_str()) {
-                return Err(ConfigError::key(
-                    &format!("{key}.name"),
-                    format!("duplicate name {:?}", token.name),
-                ));
-            }
-            if token.sha256.len() != 64 || hex::decode(&token.sha256).is_err() {
-                return Err(ConfigError::key(
-                    &format!("{key}.sha256"),
-                    "must be 64 hex characters (the token's SHA-256)",
-                ));
-            }
-        }
-        Ok(())
-    }
 }
 
 fn read_table(path: &Path) -> Result<toml::Table, ConfigError> {
@@ -574,79 +446,6 @@ fn from_table(table: toml::Table, origin: &Path) -> Result<Config, ConfigError> 
             ConfigError::Key { key, message }
         }
     })
-}
-
-/// Applies `PORTCULLIS_<SECTION>_<KEY>` variables onto the file's table. The type of each
-/// value is taken from the default configuration, so `"20"` becomes an integer where the key
-/// is one; lists are comma-separated.
-fn apply_env(
-    table: &mut toml::Table,
-    env: impl IntoIterator<Item = (String, String)>,
-) -> Result<(), ConfigError> {
-    let template = match toml::Value::try_from(Config::default()) {
-        Ok(toml::Value::Table(t)) => t,
-        _ => unreachable!("the default configuration serializes to a table"),
-    };
-    // Longest section first, so PROXY_PROTOCOL_MODE is not read as a PROXY section.
-    let mut sections: Vec<&String> = template.keys().collect();
-    sections.sort_by_key(|s| std::cmp::Reverse(s.len()));
-    let vars: BTreeMap<String, String> = env
-        .into_iter()
-        .filter(|(k, _)| k.starts_with(ENV_PREFIX))
-        .collect();
-    for (var, raw) in vars {
-        let rest = &var[ENV_PREFIX.len()..];
-        let env_err = |message: String| ConfigError::Env {
-            var: var.clone(),
-            message,
-        };
-        let (section, key) = sections
-            .iter()
-            .find_map(|s| {
-                let key = rest.strip_prefix(&s.to_uppercase())?.strip_prefix('_')?;
-                Some((s.as_str(), key.to_lowercase()))
-            })
-            .ok_or_else(|| env_err("names no configuration section".into()))?;
-        let kind = template
-            .get(section)
-            .and_then(|s| s.get(&key))
-            .ok_or_else(|| env_err(format!("no key {key:?} in [{section}]")))?;
-        let value = typed_value(kind, &raw).map_err(env_err)?;
-        let entry = table
-            .entry(section)
-            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        match entry {
-            toml::Value::Table(t) => {
-                t.insert(key, value);
-            }
-            _ => return Err(env_err(format!("[{section}] in the file is not a table"))),
-        }
-    }
-    Ok(())
-}
-
-fn typed_value(kind: &toml::Value, raw: &str) -> Result<toml::Value, String> {
-    match kind {
-        toml::Value::Integer(_) => raw
-            .trim()
-            .parse()
-            .map(toml::Value::Integer)
-            .map_err(|_| format!("{raw:?} is not an integer")),
-        toml::Value::Boolean(_) => raw
-            .trim()
-            .parse()
-            .map(toml::Value::Boolean)
-            .map_err(|_| format!("{raw:?} is not true or false")),
-        toml::Value::Array(_) => Ok(toml::Value::Array(
-            raw.split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(|s| toml::Value::String(s.into()))
-                .collect(),
-        )),
-        toml::Value::String(_) => Ok(toml::Value::String(raw.into())),
-        _ => Err("this key cannot be set from the environment".into()),
-    }
 }
 
 #[cfg(test)]

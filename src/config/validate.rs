@@ -1,0 +1,137 @@
+//! The rules the types alone do not express; each error names its key.
+
+use super::{AuthMode, Config, ConfigError, ProxyMode, MAX_FRAME_CAP, MAX_LINE_CAP};
+
+impl Config {
+    /// Checks every rule that the types alone do not express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let p = &self.protocol;
+        if p.max_frame_bytes == 0 || p.max_frame_bytes > MAX_FRAME_CAP {
+            return Err(ConfigError::key(
+                "protocol.max_frame_bytes",
+                format!(
+                    "must be between 1 and {MAX_FRAME_CAP} (16 MiB - 1), got {}",
+                    p.max_frame_bytes
+                ),
+            ));
+        }
+        if p.max_line_bytes == 0 || p.max_line_bytes > MAX_LINE_CAP {
+            return Err(ConfigError::key(
+                "protocol.max_line_bytes",
+                format!(
+                    "must be between 1 and {MAX_LINE_CAP}, got {}",
+                    p.max_line_bytes
+                ),
+            ));
+        }
+        self.validate_limits()?;
+        self.validate_auth()?;
+        if self.proxy_protocol.max_v2_bytes > 65535 {
+            return Err(ConfigError::key(
+                "proxy_protocol.max_v2_bytes",
+                "must be at most 65535 (a v2 header's length is 16 bits)",
+            ));
+        }
+        if self.proxy_protocol.mode != ProxyMode::Off && self.proxy_protocol.trusted.is_empty() {
+            return Err(ConfigError::key(
+                "proxy_protocol.trusted",
+                "must list the load balancers' networks when mode is not \"off\"",
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_limits(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        let positive: [(&str, u64); 10] = [
+            ("limits.max_connections", l.max_connections as u64),
+            (
+                "limits.max_connections_per_ip",
+                l.max_connections_per_ip as u64,
+            ),
+            (
+                "limits.connection_rate_per_ip",
+                l.connection_rate_per_ip.into(),
+            ),
+            (
+                "limits.connection_burst_per_ip",
+                l.connection_burst_per_ip.into(),
+            ),
+            (
+                "limits.max_handshakes_in_flight",
+                l.max_handshakes_in_flight as u64,
+            ),
+            ("limits.commands_per_second", l.commands_per_second.into()),
+            ("limits.commands_burst", l.commands_burst.into()),
+            (
+                "limits.max_write_buffer_bytes",
+                l.max_write_buffer_bytes as u64,
+            ),
+            ("admin.max_connections", self.admin.max_connections as u64),
+            ("auth.max_failures", self.auth.max_failures.into()),
+        ];
+        if let Some((key, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(ConfigError::key(key, "must be greater than 0"));
+        }
+        let durations = [
+            ("limits.handshake_timeout", l.handshake_timeout),
+            ("limits.idle_timeout", l.idle_timeout),
+            ("limits.prune_interval", l.prune_interval),
+            ("auth.auth_timeout", self.auth.auth_timeout),
+            ("auth.failure_window", self.auth.failure_window),
+            (
+                "proxy_protocol.header_timeout",
+                self.proxy_protocol.header_timeout,
+            ),
+        ];
+        if let Some((key, _)) = durations.iter().find(|(_, d)| d.is_zero()) {
+            return Err(ConfigError::key(key, "must be greater than 0s"));
+        }
+        if l.ipv6_prefix == 0 || l.ipv6_prefix > 128 {
+            return Err(ConfigError::key(
+                "limits.ipv6_prefix",
+                "must be between 1 and 128",
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_auth(&self) -> Result<(), ConfigError> {
+        let a = &self.auth;
+        if a.mode == AuthMode::Mtls && self.tls.client_ca().is_none() {
+            return Err(ConfigError::key(
+                "auth.mode",
+                "\"mtls\" needs tls.client_ca",
+            ));
+        }
+        if a.require_client_cert && self.tls.client_ca().is_none() {
+            return Err(ConfigError::key(
+                "auth.require_client_cert",
+                "needs tls.client_ca",
+            ));
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, token) in a.tokens.iter().enumerate() {
+            let key = format!("auth.tokens[{i}]");
+            if token.name.is_empty() || token.name.bytes().any(|b| !b.is_ascii_graphic()) {
+                return Err(ConfigError::key(
+                    &format!("{key}.name"),
+                    "must be non-empty printable ASCII without spaces",
+                ));
+            }
+            if !names.insert(token.name.as_str()) {
+                return Err(ConfigError::key(
+                    &format!("{key}.name"),
+                    format!("duplicate name {:?}", token.name),
+                ));
+            }
+            if token.sha256.len() != 64 || hex::decode(&token.sha256).is_err() {
+                return Err(ConfigError::key(
+                    &format!("{key}.sha256"),
+                    "must be 64 hex characters (the token's SHA-256)",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
