@@ -154,6 +154,9 @@ fn check_config(path: Option<PathBuf>, flags: &FlagOverrides) -> anyhow::Result<
         });
     match result {
         Ok(config) => {
+            if let Some(warning) = config.unknown_env_warning() {
+                eprintln!("warning: {warning}");
+            }
             print!("{}", config.to_toml());
             eprintln!("configuration OK");
             Ok(ExitCode::SUCCESS)
@@ -234,6 +237,9 @@ fn serve(explicit: Option<PathBuf>, flags: &FlagOverrides) -> anyhow::Result<Exi
     let path = config_path(explicit);
     let config = Config::load(path.as_deref(), std::env::vars(), flags)?;
     init_logging(&config);
+    if let Some(warning) = config.unknown_env_warning() {
+        tracing::warn!("{warning}");
+    }
     if let Some(dev) = &dev {
         print!("{}", bootstrap::dev_instructions(dev));
     }

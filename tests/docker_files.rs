@@ -545,3 +545,29 @@ fn dockerfile_stubs_every_declared_bench() {
         );
     }
 }
+
+/// The compose file's own variables (the replicas' user, ...) never start with
+/// `PORTCULLIS_`: that prefix belongs to configuration overrides, and a user who exports
+/// one of them for compose must not hand the gateway a variable it does not know.
+#[test]
+fn compose_variables_cannot_be_taken_for_configuration_overrides() {
+    let text = read(&docker_dir().join("compose.yaml"));
+    let mut interpolated = Vec::new();
+    for piece in text.split("${").skip(1) {
+        let name: String = piece
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        interpolated.push(name);
+    }
+    assert!(
+        !interpolated.is_empty(),
+        "compose interpolates its user ids"
+    );
+    for name in interpolated {
+        assert!(
+            !name.starts_with("PORTCULLIS_"),
+            "compose variable {name} shares the configuration prefix"
+        );
+    }
+}

@@ -1,56 +1,105 @@
 //! `PORTCULLIS_<SECTION>_<KEY>` overrides, typed from the default configuration.
+//!
+//! Strict where it helps, tolerant where orchestrators need it (SPEC 9): a variable that
+//! names a key but holds an invalid value is an error naming the variable, while one that
+//! names no key is only collected, to be reported in one warning at start. Kubernetes
+//! injects `PORTCULLIS_PORT=tcp://…`, `PORTCULLIS_SERVICE_HOST`, … into every pod of a
+//! namespace with a Service named `portcullis`; refusing those would crash-loop the pod.
 
 use std::collections::BTreeMap;
 
 use super::{Config, ConfigError, ENV_PREFIX};
 
+/// What the environment did to the configuration.
+#[derive(Debug, Default)]
+pub(super) struct EnvOverrides {
+    /// The variable that set each key, by dotted key (`limits.idle_timeout`), so that a
+    /// later type or validation error about that key can name the variable.
+    set: BTreeMap<String, String>,
+    /// Variables with the prefix that name no key, sorted.
+    pub(super) unknown: Vec<String>,
+}
+
+impl EnvOverrides {
+    /// Rewrites an error about a key that a variable set into one naming the variable.
+    pub(super) fn blame(&self, error: ConfigError) -> ConfigError {
+        let ConfigError::Key { key, message } = error else {
+            return error;
+        };
+        // `auth.tokens[0].name` was set by whoever set `auth.tokens`.
+        let base = key.split('[').next().unwrap_or(&key);
+        match self.set.get(base) {
+            Some(var) => ConfigError::Env {
+                var: var.clone(),
+                message: format!("{key}: {message}"),
+            },
+            None => ConfigError::Key { key, message },
+        }
+    }
+
+    /// Forgets a key that a command-line flag overrode: its errors are the flag's.
+    pub(super) fn overridden(&mut self, key: &str) {
+        self.set.remove(key);
+    }
+}
+
 /// Applies `PORTCULLIS_<SECTION>_<KEY>` variables onto the file's table. The type of each
 /// value is taken from the default configuration, so `"20"` becomes an integer where the key
-/// is one; lists are comma-separated.
+/// is one; lists are comma-separated. Only keys present in the serialized default can be
+/// set this way (an `Option` key that is `None` by default must serialize to a value).
 pub(super) fn apply_env(
     table: &mut toml::Table,
     env: impl IntoIterator<Item = (String, String)>,
-) -> Result<(), ConfigError> {
+) -> Result<EnvOverrides, ConfigError> {
     let template = match toml::Value::try_from(Config::default()) {
         Ok(toml::Value::Table(t)) => t,
         _ => unreachable!("the default configuration serializes to a table"),
     };
-    // Longest section first, so PROXY_PROTOCOL_MODE is not read as a PROXY section.
-    let mut sections: Vec<&String> = template.keys().collect();
-    sections.sort_by_key(|s| std::cmp::Reverse(s.len()));
     let vars: BTreeMap<String, String> = env
         .into_iter()
         .filter(|(k, _)| k.starts_with(ENV_PREFIX))
         .collect();
+    let mut overrides = EnvOverrides::default();
     for (var, raw) in vars {
-        let rest = &var[ENV_PREFIX.len()..];
+        let Some((section, key, kind)) = find_key(&template, &var[ENV_PREFIX.len()..]) else {
+            overrides.unknown.push(var);
+            continue;
+        };
         let env_err = |message: String| ConfigError::Env {
             var: var.clone(),
             message,
         };
-        let (section, key) = sections
-            .iter()
-            .find_map(|s| {
-                let key = rest.strip_prefix(&s.to_uppercase())?.strip_prefix('_')?;
-                Some((s.as_str(), key.to_lowercase()))
-            })
-            .ok_or_else(|| env_err("names no configuration section".into()))?;
-        let kind = template
-            .get(section)
-            .and_then(|s| s.get(&key))
-            .ok_or_else(|| env_err(format!("no key {key:?} in [{section}]")))?;
         let value = typed_value(kind, &raw).map_err(env_err)?;
         let entry = table
             .entry(section)
             .or_insert_with(|| toml::Value::Table(toml::Table::new()));
         match entry {
             toml::Value::Table(t) => {
-                t.insert(key, value);
+                t.insert(key.clone(), value);
             }
             _ => return Err(env_err(format!("[{section}] in the file is not a table"))),
         }
+        overrides.set.insert(format!("{section}.{key}"), var);
     }
-    Ok(())
+    Ok(overrides)
+}
+
+/// The section, key and default value that `rest` (the variable without its prefix) names.
+/// Longest section first, so `PROXY_PROTOCOL_MODE` is not read as a `PROXY` section.
+fn find_key<'t>(
+    template: &'t toml::Table,
+    rest: &str,
+) -> Option<(&'t str, String, &'t toml::Value)> {
+    let mut sections: Vec<&String> = template.keys().collect();
+    sections.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    sections.into_iter().find_map(|section| {
+        let key = rest
+            .strip_prefix(&section.to_uppercase())?
+            .strip_prefix('_')?
+            .to_lowercase();
+        let kind = template.get(section)?.get(&key)?;
+        Some((section.as_str(), key, kind))
+    })
 }
 
 fn typed_value(kind: &toml::Value, raw: &str) -> Result<toml::Value, String> {

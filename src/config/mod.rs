@@ -67,6 +67,11 @@ pub struct Config {
     /// The file this configuration was read from: reloads read its tokens again.
     #[serde(skip)]
     pub source: Option<PathBuf>,
+    /// `PORTCULLIS_*` variables that name no key: ignored, and reported once at start
+    /// ([`Config::unknown_env_warning`]) rather than refused, because orchestrators set
+    /// such variables themselves (Kubernetes service links: `PORTCULLIS_PORT`, …).
+    #[serde(skip)]
+    pub unknown_env: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -362,15 +367,27 @@ impl Config {
             Some(path) => read_table(path)?,
             None => toml::Table::new(),
         };
-        apply_env(&mut table, env)?;
-        let mut config = from_table(table, path.unwrap_or(Path::new("<defaults>")))?;
-        config.apply_flags(flags);
+        let mut env = apply_env(&mut table, env)?;
+        let mut config =
+            from_table(table, path.unwrap_or(Path::new("<defaults>"))).map_err(|e| env.blame(e))?;
+        config.apply_flags(flags, &mut env);
         if let Some(dir) = path.and_then(Path::parent) {
             config.resolve_paths(dir);
         }
         config.source = path.map(Path::to_path_buf);
-        config.validate()?;
+        config.validate().map_err(|e| env.blame(e))?;
+        config.unknown_env = env.unknown;
         Ok(config)
+    }
+
+    /// The one warning about ignored `PORTCULLIS_*` variables, when there are any.
+    pub fn unknown_env_warning(&self) -> Option<String> {
+        (!self.unknown_env.is_empty()).then(|| {
+            format!(
+                "ignoring environment variables that name no configuration key: {}",
+                self.unknown_env.join(", ")
+            )
+        })
     }
 
     /// Parses a whole TOML document, without environment or flags (fuzzing, tests).
@@ -392,18 +409,23 @@ impl Config {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
 
-    fn apply_flags(&mut self, flags: &FlagOverrides) {
+    /// Applies the flags; a key a flag sets is no longer the environment's to answer for.
+    fn apply_flags(&mut self, flags: &FlagOverrides, env: &mut env::EnvOverrides) {
         if let Some(listen) = flags.listen {
             self.server.listen = listen;
+            env.overridden("server.listen");
         }
         if let Some(listen) = flags.admin_listen {
             self.admin.listen = listen;
+            env.overridden("admin.listen");
         }
         if let Some(format) = flags.log_format {
             self.log.format = format;
+            env.overridden("log.format");
         }
         if let Some(level) = &flags.log_level {
             self.log.level = level.clone();
+            env.overridden("log.level");
         }
     }
 
@@ -530,19 +552,73 @@ mod tests {
         assert_eq!(c.server.listen.to_string(), "127.0.0.1:2");
 
         let mut c2 = c.clone();
-        c2.apply_flags(&FlagOverrides {
-            listen: Some("127.0.0.1:3".parse().unwrap()),
-            ..Default::default()
-        });
+        c2.apply_flags(
+            &FlagOverrides {
+                listen: Some("127.0.0.1:3".parse().unwrap()),
+                ..Default::default()
+            },
+            &mut Default::default(),
+        );
         assert_eq!(c2.server.listen.to_string(), "127.0.0.1:3");
     }
 
     #[test]
-    fn unknown_environment_key_is_an_error() {
-        let err = load_str("", &[("PORTCULLIS_LIMITS_NOPE", "1")]).unwrap_err();
-        assert!(err.to_string().contains("PORTCULLIS_LIMITS_NOPE"), "{err}");
+    fn variables_naming_no_key_are_ignored_and_listed() {
+        let c = load_str(
+            "",
+            &[
+                ("PORTCULLIS_PORT", "tcp://10.0.0.1:8443"),
+                ("PORTCULLIS_SERVICE_HOST", "10.0.0.1"),
+                ("PORTCULLIS_ADMIN_SERVICE_PORT", "9464"),
+                ("PORTCULLIS_LIMITS_MAX_CONNECTIONS", "12"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.limits.max_connections, 12);
+        assert_eq!(
+            c.unknown_env,
+            [
+                "PORTCULLIS_ADMIN_SERVICE_PORT",
+                "PORTCULLIS_PORT",
+                "PORTCULLIS_SERVICE_HOST"
+            ]
+        );
+        let warning = c.unknown_env_warning().unwrap();
+        assert!(
+            warning.ends_with(
+                "PORTCULLIS_ADMIN_SERVICE_PORT, PORTCULLIS_PORT, PORTCULLIS_SERVICE_HOST"
+            ),
+            "{warning}"
+        );
+        assert!(load_str("", &[]).unwrap().unknown_env_warning().is_none());
+    }
+
+    #[test]
+    fn invalid_values_of_real_keys_name_the_variable() {
         let err = load_str("", &[("PORTCULLIS_LIMITS_MAX_CONNECTIONS", "many")]).unwrap_err();
-        assert!(err.to_string().contains("not an integer"), "{err}");
+        let text = err.to_string();
+        assert!(text.contains("PORTCULLIS_LIMITS_MAX_CONNECTIONS"), "{text}");
+        assert!(text.contains("not an integer"), "{text}");
+        // Type errors found while deserializing, and validation errors, name it too.
+        let err = load_str("", &[("PORTCULLIS_PROXY_PROTOCOL_MODE", "sometimes")]).unwrap_err();
+        assert!(
+            err.to_string().starts_with(
+                "environment variable PORTCULLIS_PROXY_PROTOCOL_MODE: proxy_protocol.mode"
+            ),
+            "{err}"
+        );
+        let err = load_str("", &[("PORTCULLIS_PROTOCOL_MAX_FRAME_BYTES", "16777216")]).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("environment variable PORTCULLIS_PROTOCOL_MAX_FRAME_BYTES: protocol.max_frame_bytes"),
+            "{err}"
+        );
+        // The same error from the file names the key only.
+        let err = load_str("[protocol]\nmax_frame_bytes = 16777216\n", &[]).unwrap_err();
+        assert!(
+            err.to_string().starts_with("protocol.max_frame_bytes"),
+            "{err}"
+        );
     }
 
     #[test]
