@@ -2,14 +2,20 @@
 //! runs), `/readyz` (200 while accepting, 503 from the moment a drain begins), 404 for the
 //! rest. Loopback by default: metrics describe the attack surface and are not public.
 //!
-//! Bounded like the gateway itself: at most `admin.max_connections` at once (more are closed
-//! at accept) and each closed after `admin.idle_timeout` without traffic, so a slow or idle
-//! client cannot hold the listener.
+//! Bounded like the gateway itself, so that no client can hold the listener or the process:
+//! - at most `admin.max_connections` at once; at the cap the connection open longest is
+//!   closed to make room, so a trickle of slow clients cannot lock out the health check;
+//! - a request's headers must arrive whole within `admin.header_timeout`, however slowly
+//!   they trickle (hyper's header timer, which needs the tokio timer set here);
+//! - a connection with no traffic for `admin.idle_timeout` is closed;
+//! - when `stop` fires, open connections get [`CLOSE_GRACE`] to finish a response and are
+//!   then dropped: the admin listener never holds up the process's exit.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -18,14 +24,24 @@ use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
+use crate::config::AdminSection;
 use crate::gateway::Gateway;
+
+/// After `stop`, how long open admin connections may take to finish a response. A response
+/// is rendered in microseconds; only a client that does not read needs this bound.
+pub const CLOSE_GRACE: Duration = Duration::from_millis(500);
+/// Pause after a failed admin `accept` (EMFILE and friends), so the loop does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
 
 #[derive(Clone)]
 struct AdminState {
@@ -33,30 +49,53 @@ struct AdminState {
     metrics: PrometheusHandle,
 }
 
-/// Serves until `stop` is cancelled.
+/// Serves until `stop` is cancelled, then closes every admin connection within
+/// [`CLOSE_GRACE`].
 pub async fn serve(
     listener: TcpListener,
     gateway: Arc<Gateway>,
     metrics: PrometheusHandle,
     stop: CancellationToken,
 ) {
-    let listener = BoundedListener {
-        inner: listener,
-        permits: Arc::new(Semaphore::new(gateway.config.admin.max_connections)),
-        idle_timeout: gateway.config.admin.idle_timeout,
-    };
-    let router = Router::new()
+    let limits = Limits::from(&gateway.config.admin);
+    let slots = Arc::new(Slots::new(gateway.config.admin.max_connections));
+    let router = router(AdminState { gateway, metrics });
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let slot = slots.take();
+                    let serving = serve_connection(stream, router.clone(), slot, limits, stop.clone());
+                    connections.spawn(serving);
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "admin accept failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            _ = stop.cancelled() => break,
+        }
+    }
+    drop(listener);
+    let finished = async { while connections.join_next().await.is_some() {} };
+    if tokio::time::timeout(CLOSE_GRACE, finished).await.is_err() {
+        tracing::debug!(
+            connections = connections.len(),
+            "admin connections dropped at exit"
+        );
+    }
+    // Dropping the set aborts whatever is still open.
+}
+
+fn router(state: AdminState) -> Router {
+    Router::new()
         .route("/metrics", get(render_metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n") })
-        .with_state(AdminState { gateway, metrics });
-    let result = axum::serve(listener, router)
-        .with_graceful_shutdown(stop.cancelled_owned())
-        .await;
-    if let Err(e) = result {
-        tracing::error!(error = %e, "admin listener failed");
-    }
+        .with_state(state)
 }
 
 async fn render_metrics(State(state): State<AdminState>) -> impl IntoResponse {
@@ -80,56 +119,133 @@ async fn ready(State(state): State<AdminState>) -> impl IntoResponse {
     }
 }
 
-/// The admin TCP listener with a connection cap and an idle timeout per connection.
-struct BoundedListener {
-    inner: TcpListener,
-    permits: Arc<Semaphore>,
+/// The per-connection time limits of `[admin]`.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    header_timeout: Duration,
     idle_timeout: Duration,
 }
 
-impl axum::serve::Listener for BoundedListener {
-    type Io = IdleTimeoutIo;
-    type Addr = std::net::SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            let (stream, addr) = match self.inner.accept().await {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    tracing::debug!(error = %e, "admin accept failed");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                }
-            };
-            // Over the cap: closed at once rather than queued.
-            let Ok(permit) = self.permits.clone().try_acquire_owned() else {
-                continue;
-            };
-            let io = IdleTimeoutIo {
-                inner: stream,
-                timeout: self.idle_timeout,
-                deadline: Box::pin(tokio::time::sleep(self.idle_timeout)),
-                _permit: permit,
-            };
-            return (io, addr);
+impl From<&AdminSection> for Limits {
+    fn from(admin: &AdminSection) -> Self {
+        Limits {
+            header_timeout: admin.header_timeout,
+            idle_timeout: admin.idle_timeout,
         }
-    }
-
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        self.inner.local_addr()
     }
 }
 
-/// A TCP stream that fails with `TimedOut` once no byte has moved for `timeout`, and holds
-/// its admin connection permit until dropped.
+/// One admin connection: HTTP/1.1 with a header deadline, until it ends, is evicted to make
+/// room for a newer one, or `stop` fires (then it may finish its response).
+async fn serve_connection(
+    stream: TcpStream,
+    router: Router,
+    slot: Slot,
+    limits: Limits,
+    stop: CancellationToken,
+) {
+    let io = TokioIo::new(IdleTimeoutIo::new(stream, limits.idle_timeout));
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout);
+    let connection = builder.serve_connection(io, TowerToHyperService::new(router));
+    tokio::pin!(connection);
+    tokio::select! {
+        result = connection.as_mut() => {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "admin connection ended with an error");
+            }
+            return;
+        }
+        _ = slot.evicted.cancelled() => {
+            tracing::debug!("admin connection closed to make room for a newer one");
+            return;
+        }
+        _ = stop.cancelled() => {}
+    }
+    // Keep-alive off: an idle connection closes now, one mid-request after its response.
+    connection.as_mut().graceful_shutdown();
+    let _ = connection.await;
+}
+
+/// The admin connections open now, oldest first, at most `cap` of them.
+struct Slots {
+    cap: usize,
+    open: Mutex<OpenConnections>,
+}
+
+#[derive(Default)]
+struct OpenConnections {
+    next_id: u64,
+    /// By id, so the first entry is the oldest; each token evicts its connection.
+    by_age: BTreeMap<u64, CancellationToken>,
+}
+
+impl Slots {
+    fn new(cap: usize) -> Self {
+        Slots {
+            cap,
+            open: Mutex::new(OpenConnections::default()),
+        }
+    }
+
+    /// A slot for a new connection; at the cap, the oldest connection is evicted first.
+    fn take(self: &Arc<Self>) -> Slot {
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        while open.by_age.len() >= self.cap {
+            match open.by_age.pop_first() {
+                Some((_, oldest)) => oldest.cancel(),
+                None => break,
+            }
+        }
+        let id = open.next_id;
+        open.next_id += 1;
+        let evicted = CancellationToken::new();
+        open.by_age.insert(id, evicted.clone());
+        Slot {
+            slots: self.clone(),
+            id,
+            evicted,
+        }
+    }
+}
+
+/// A connection's place among the open ones; freed when dropped.
+struct Slot {
+    slots: Arc<Slots>,
+    id: u64,
+    /// Cancelled when a newer connection needs the place.
+    evicted: CancellationToken,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut open = self
+            .slots
+            .open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        open.by_age.remove(&self.id);
+    }
+}
+
+/// A TCP stream that fails with `TimedOut` once no byte has moved for `timeout`.
 struct IdleTimeoutIo {
     inner: TcpStream,
     timeout: Duration,
     deadline: Pin<Box<Sleep>>,
-    _permit: OwnedSemaphorePermit,
 }
 
 impl IdleTimeoutIo {
+    fn new(inner: TcpStream, timeout: Duration) -> Self {
+        IdleTimeoutIo {
+            inner,
+            timeout,
+            deadline: Box::pin(tokio::time::sleep(timeout)),
+        }
+    }
+
     /// Pushes the deadline back after progress; checks it while waiting.
     fn check<T>(&mut self, cx: &mut Context<'_>, poll: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
         match poll {
@@ -173,5 +289,26 @@ impl AsyncWrite for IdleTimeoutIo {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn at_the_cap_the_oldest_connection_is_evicted() {
+        let slots = Arc::new(Slots::new(2));
+        let first = slots.take();
+        let second = slots.take();
+        assert!(!first.evicted.is_cancelled());
+        let third = slots.take();
+        assert!(first.evicted.is_cancelled(), "the oldest makes room");
+        assert!(!second.evicted.is_cancelled());
+        drop(first);
+        drop(second);
+        let fourth = slots.take();
+        assert!(!third.evicted.is_cancelled(), "a freed slot is reused");
+        assert!(!fourth.evicted.is_cancelled());
     }
 }

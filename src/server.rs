@@ -123,11 +123,14 @@ async fn background(
     admin: TcpListener,
     stop: CancellationToken,
 ) {
+    // The admin listener answers through the drain and stops when it is forced to end (the
+    // deadline or a second signal): from then on it bounds its own close, so it never holds
+    // up the exit.
     let admin_task = tokio::spawn(crate::admin::serve(
         admin,
         gateway.clone(),
         metrics.clone(),
-        stop.clone(),
+        gateway.shutdown.force.clone(),
     ));
     let interval = gateway.config.limits.prune_interval;
     let pruning = gateway.admission.prune_every(interval, stop.clone());

@@ -433,31 +433,36 @@ async fn admin_connections_are_capped_and_idle_ones_closed() {
     let certs = TestCerts::new();
     let server = server_with(&certs, |c| {
         c.admin.max_connections = 4;
-        c.admin.idle_timeout = Duration::from_millis(300);
+        c.admin.idle_timeout = Duration::from_millis(1500);
     })
     .await;
     let mut idle = Vec::new();
     for _ in 0..4 {
         idle.push(tcp_connect(server.admin, None).await.unwrap());
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    // Over the cap: closed at once.
-    let mut extra = tcp_connect(server.admin, None).await.unwrap();
+    // At the cap a new connection is served and the oldest one is closed to make room.
+    let admin = server.admin;
+    let status = tokio::task::spawn_blocking(move || http_get(admin, "/healthz").unwrap().0)
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "a fifth admin connection is served");
     let mut buf = [0u8; 16];
-    let r = tokio::time::timeout(Duration::from_millis(200), extra.read(&mut buf)).await;
+    let mut oldest = idle.remove(0);
+    // Well before its idle timeout: it was evicted.
+    let r = tokio::time::timeout(Duration::from_millis(300), oldest.read(&mut buf)).await;
     assert!(
         matches!(r, Ok(Ok(0)) | Ok(Err(_))),
-        "a fifth admin connection was kept: {r:?}"
+        "the oldest admin connection was kept: {r:?}"
     );
     // The idle ones are closed after admin.idle_timeout, and the listener answers again.
     for mut tcp in idle {
-        let r = tokio::time::timeout(Duration::from_secs(2), tcp.read(&mut buf)).await;
+        let r = tokio::time::timeout(Duration::from_secs(4), tcp.read(&mut buf)).await;
         assert!(
             matches!(r, Ok(Ok(0)) | Ok(Err(_))),
             "an idle admin connection was kept: {r:?}"
         );
     }
-    let admin = server.admin;
     let status = tokio::task::spawn_blocking(move || http_get(admin, "/healthz").unwrap().0)
         .await
         .unwrap();

@@ -304,11 +304,17 @@ impl Default for ProxyProtocolSection {
 pub struct AdminSection {
     /// `/metrics`, `/healthz`, `/readyz`. Loopback by default: metrics are not public.
     pub listen: SocketAddr,
-    /// Admin connections open at once; more are closed at accept.
+    /// Admin connections open at once; at the cap the oldest is closed to make room, so
+    /// slow clients cannot lock out the health check.
     pub max_connections: usize,
     /// An admin connection with no traffic for this long is closed (scrapers reconnect).
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// A request's headers must arrive whole within this, however slowly they trickle (the
+    /// idle timer alone restarts on every byte). Also bounds a keep-alive connection's wait
+    /// for its next request.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
 }
 
 impl Default for AdminSection {
@@ -317,6 +323,7 @@ impl Default for AdminSection {
             listen: "127.0.0.1:9464".parse().expect("constant address"),
             max_connections: 64,
             idle_timeout: Duration::from_secs(30),
+            header_timeout: Duration::from_secs(5),
         }
     }
 }

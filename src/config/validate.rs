@@ -83,6 +83,7 @@ impl Config {
                 "proxy_protocol.header_timeout",
                 self.proxy_protocol.header_timeout,
             ),
+            ("admin.header_timeout", self.admin.header_timeout),
         ];
         if let Some((key, _)) = durations.iter().find(|(_, d)| d.is_zero()) {
             return Err(ConfigError::key(key, "must be greater than 0s"));
