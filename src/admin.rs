@@ -31,7 +31,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::AdminSection;
@@ -250,7 +250,9 @@ impl IdleTimeoutIo {
     fn check<T>(&mut self, cx: &mut Context<'_>, poll: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
         match poll {
             Poll::Ready(result) => {
-                self.deadline.as_mut().reset(Instant::now() + self.timeout);
+                self.deadline
+                    .as_mut()
+                    .reset(crate::deadline::from_now(self.timeout));
                 Poll::Ready(result)
             }
             Poll::Pending => match self.deadline.as_mut().poll(cx) {

@@ -16,9 +16,10 @@
 //! they expire, concurrency entries when a key's last connection closes. A rate-limiter key
 //! costs about 70 bytes (measured over a million keys by `cargo bench --bench limiter`); a
 //! concurrency entry (key, count, cancellation token) about 150 bytes while the key has a
-//! connection; ban and failure entries about 50 bytes, only for keys that failed to
-//! authenticate.
+//! connection; a ban entry about 50 bytes and a failure log about 50 bytes plus 16 per
+//! recent failure (at most `max_failures` + 1), only for keys that failed to authenticate.
 
+use std::collections::VecDeque;
 use std::net::{IpAddr, Ipv6Addr};
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -61,10 +62,22 @@ pub fn client_key(ip: IpAddr, ipv6_prefix: u8) -> IpAddr {
     }
 }
 
-/// Recent authentication failures of one key.
-struct FailureWindow {
-    started: Instant,
-    count: u32,
+/// The times of one key's authentication failures within the last `failure_window`,
+/// oldest first: a sliding window, so that no window of that length, wherever it starts,
+/// holds more than `max_failures` failures without a ban. At most `max_failures` + 1 long.
+struct FailureLog(VecDeque<Instant>);
+
+impl FailureLog {
+    /// Forgets failures older than `window` before `now`.
+    fn expire(&mut self, now: Instant, window: Duration) {
+        while self
+            .0
+            .front()
+            .is_some_and(|t| now.saturating_duration_since(*t) >= window)
+        {
+            self.0.pop_front();
+        }
+    }
 }
 
 /// The open connections of one key.
@@ -92,7 +105,8 @@ pub struct Admission {
     max_per_key: usize,
     /// Ban expiry per key.
     bans: DashMap<IpAddr, Instant>,
-    failures: DashMap<IpAddr, FailureWindow>,
+    /// Recent authentication failures per key; an entry lives while it holds one.
+    failures: DashMap<IpAddr, FailureLog>,
     max_failures: u32,
     failure_window: Duration,
     ban_duration: Duration,
@@ -230,31 +244,27 @@ impl Admission {
         }
     }
 
-    /// Records a failed authentication from `ip`. More than `max_failures` within
-    /// `failure_window` bans the key for `ban_duration` and closes its open connections;
+    /// Records a failed authentication from `ip`. More than `max_failures` within any
+    /// `failure_window` (a sliding window, not fixed slots) bans the key for `ban_duration` and closes its open connections;
     /// returns true when this failure caused the ban.
     pub fn record_auth_failure(&self, ip: IpAddr) -> bool {
         let key = client_key(ip, self.ipv6_prefix);
         let now = Instant::now();
         let exceeded = {
-            let mut window = self.failures.entry(key).or_insert(FailureWindow {
-                started: now,
-                count: 0,
-            });
-            if now.duration_since(window.started) > self.failure_window {
-                *window = FailureWindow {
-                    started: now,
-                    count: 0,
-                };
-            }
-            window.count += 1;
-            window.count > self.max_failures
+            let mut log = self
+                .failures
+                .entry(key)
+                .or_insert_with(|| FailureLog(VecDeque::new()));
+            log.expire(now, self.failure_window);
+            log.0.push_back(now);
+            log.0.len() > self.max_failures as usize
         };
         if !exceeded {
             return false;
         }
         self.failures.remove(&key);
-        self.bans.insert(key, now + self.ban_duration);
+        self.bans
+            .insert(key, crate::deadline::after(now, self.ban_duration));
         if let Some(entry) = self.per_key.get(&key) {
             entry.banned.cancel();
         }
@@ -270,8 +280,10 @@ impl Admission {
         self.bans.retain(|_, expiry| *expiry > now);
         self.bans.shrink_to_fit();
         let window = self.failure_window;
-        self.failures
-            .retain(|_, f| now.duration_since(f.started) <= window);
+        self.failures.retain(|_, log| {
+            log.expire(now, window);
+            !log.0.is_empty()
+        });
         self.failures.shrink_to_fit();
         self.per_key.shrink_to_fit();
     }
@@ -440,6 +452,41 @@ mod tests {
         assert!(!again.banned.is_cancelled());
         adm.prune();
         assert_eq!(adm.keys().bans, 0);
+    }
+
+    #[test]
+    fn no_window_holds_more_than_max_failures_around_an_edge() {
+        // A fixed window let 2 × max_failures - 1 guesses through: max_failures - 1 just
+        // before its edge and max_failures just after. A sliding one bans the first guess
+        // past max_failures within any window.
+        let adm = admission(|c| {
+            c.auth.max_failures = 3;
+            c.auth.failure_window = Duration::from_millis(1000);
+        });
+        for _ in 0..2 {
+            assert!(!adm.record_auth_failure(ip("192.0.2.1")));
+        }
+        std::thread::sleep(Duration::from_millis(600));
+        assert!(!adm.record_auth_failure(ip("192.0.2.1")));
+        // 600 ms later: the first two are outside the window (a fixed one would start
+        // afresh here), the third is not.
+        std::thread::sleep(Duration::from_millis(600));
+        assert!(!adm.record_auth_failure(ip("192.0.2.1")));
+        assert!(!adm.record_auth_failure(ip("192.0.2.1")));
+        assert!(
+            adm.record_auth_failure(ip("192.0.2.1")),
+            "the 4th failure within one window bans"
+        );
+    }
+
+    #[test]
+    fn failure_entries_are_pruned_once_outside_the_window() {
+        let adm = admission(|c| c.auth.failure_window = Duration::from_millis(30));
+        assert!(!adm.record_auth_failure(ip("192.0.2.1")));
+        assert_eq!(adm.keys().auth_failures, 1);
+        std::thread::sleep(Duration::from_millis(40));
+        adm.prune();
+        assert_eq!(adm.keys().auth_failures, 0);
     }
 
     #[test]

@@ -9,6 +9,7 @@ use tokio_rustls::server::TlsStream;
 
 use crate::auth::{certificate_identity, AuthMethod, Principal};
 use crate::config::AuthMode;
+use crate::deadline;
 use crate::error::{CloseReason, SecurityEvent};
 use crate::gateway::Gateway;
 use crate::metrics::{self, HandshakeResult};
@@ -32,7 +33,7 @@ pub async fn handshake(
     gateway: &Gateway,
 ) -> Result<(TlsStream<Rewind>, Option<Principal>), CloseReason> {
     let started = Instant::now();
-    let deadline = started + gateway.config.limits.handshake_timeout;
+    let deadline = deadline::from_now(gateway.config.limits.handshake_timeout);
     let timed_out = || {
         metrics::handshake(HandshakeResult::Timeout, "none", started.elapsed());
         metrics::security_event(

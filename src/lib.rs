@@ -21,7 +21,7 @@
 //!    become labels.
 //!
 //! [`gateway`] is the state every connection shares (it imports nothing above it),
-//! [`config`] is the typed configuration, [`reload`] swaps certificates and tokens on
+//! [`config`] is the typed configuration, [`deadline`] computes deadlines that cannot overflow, [`reload`] swaps certificates and tokens on
 //! SIGHUP, and [`bootstrap`] is the development set-up.
 
 pub mod admin;
@@ -31,6 +31,7 @@ pub mod bootstrap;
 pub mod codec;
 pub mod command;
 pub mod config;
+pub mod deadline;
 pub mod error;
 pub mod gateway;
 pub mod handshake;

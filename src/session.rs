@@ -13,7 +13,7 @@ use governor::{DefaultDirectRateLimiter, RateLimiter};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
-use tokio::time::{timeout, Instant};
+use tokio::time::timeout;
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 
@@ -22,6 +22,7 @@ use crate::auth::Principal;
 use crate::codec::{Framing, Message, MessageCodec, TooLarge};
 use crate::command::{self, After, Context, Reply, Request};
 use crate::config::AuthMode;
+use crate::deadline;
 use crate::error::{CloseReason, ErrorCode, RejectReason, SecurityEvent};
 use crate::gateway::Gateway;
 use crate::handshake::{handshake, version_label};
@@ -231,8 +232,8 @@ impl Session<'_> {
         let banned = self.banned;
         let limits = &gateway.config.limits;
         let shutdown = &gateway.shutdown;
-        let auth_deadline = Instant::now() + gateway.config.auth.auth_timeout;
-        let mut idle_deadline = Instant::now() + limits.idle_timeout;
+        let auth_deadline = deadline::from_now(gateway.config.auth.auth_timeout);
+        let mut idle_deadline = deadline::from_now(limits.idle_timeout);
         let mut draining = false;
         // Made once and polled by reference: registering and dropping a waiter and a timer
         // on every request cost more than the request itself.
@@ -245,7 +246,7 @@ impl Session<'_> {
             match self.process_buffered() {
                 Step::Continue { served } => {
                     if served {
-                        idle_deadline = Instant::now() + limits.idle_timeout;
+                        idle_deadline = deadline::from_now(limits.idle_timeout);
                     }
                 }
                 // Cold paths are boxed, so their futures do not enlarge every connection's task.

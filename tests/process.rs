@@ -147,6 +147,35 @@ async fn check_config_accepts_valid_and_names_the_bad_key() {
     );
 }
 
+/// A duration too long for an `Instant` used to pass `check-config` and then panic every
+/// connection; it is refused at load, naming the variable that set it.
+#[tokio::test]
+async fn check_config_refuses_a_huge_duration_naming_its_variable() {
+    let certs = TestCerts::new();
+    let config = write_config(&certs, "");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["check-config", "--config", config.to_str().unwrap()])
+        .env("PORTCULLIS_LIMITS_IDLE_TIMEOUT", "400000000000y")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("PORTCULLIS_LIMITS_IDLE_TIMEOUT"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("365 days"), "{stderr}");
+
+    let bad = write_config_named(&certs, "zero.toml", "[admin]\nidle_timeout = \"0s\"\n");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["check-config", "--config", bad.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("admin.idle_timeout"), "{stderr}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openssl_s_client_speaks_text_mode() {
     let certs = TestCerts::new();

@@ -532,7 +532,11 @@ mod tests {
             err.to_string().starts_with("protocol.max_frame_bytes"),
             "{err}"
         );
-        load_str("[protocol]\nmax_frame_bytes = 16777215\n", &[]).unwrap();
+        load_str(
+            "[protocol]\nmax_frame_bytes = 16777215\n[limits]\nmax_write_buffer_bytes = 16777279\n",
+            &[],
+        )
+        .unwrap();
     }
 
     #[test]
@@ -624,6 +628,74 @@ mod tests {
         let err = load_str("[protocol]\nmax_frame_bytes = 16777216\n", &[]).unwrap_err();
         assert!(
             err.to_string().starts_with("protocol.max_frame_bytes"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn durations_above_365_days_are_refused_naming_key_or_variable() {
+        let err = load_str("[limits]\nidle_timeout = \"366d\"\n", &[]).unwrap_err();
+        assert!(err.to_string().starts_with("limits.idle_timeout"), "{err}");
+        load_str("[limits]\nidle_timeout = \"365d\"\n", &[]).unwrap();
+        let err = load_str("", &[("PORTCULLIS_LIMITS_IDLE_TIMEOUT", "400000000000y")]).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("PORTCULLIS_LIMITS_IDLE_TIMEOUT"), "{text}");
+        assert!(text.contains("365 days"), "{text}");
+        let err = load_str("", &[("PORTCULLIS_SERVER_SHUTDOWN_DELAY", "400d")]).unwrap_err();
+        assert!(
+            err.to_string().contains("PORTCULLIS_SERVER_SHUTDOWN_DELAY"),
+            "{err}"
+        );
+        // A value humantime cannot hold at all is named by its variable too.
+        let err = load_str(
+            "",
+            &[("PORTCULLIS_AUTH_BAN_DURATION", "99999999999999999999y")],
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("PORTCULLIS_AUTH_BAN_DURATION"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn every_timeout_must_be_above_zero() {
+        for key in [
+            "[admin]\nidle_timeout",
+            "[server]\ndrain_timeout",
+            "[limits]\nhandshake_timeout",
+            "[auth]\nauth_timeout",
+            "[proxy_protocol]\nheader_timeout",
+        ] {
+            let err = load_str(&format!("{key} = \"0s\"\n"), &[]).unwrap_err();
+            let dotted = key.trim_start_matches('[').replace("]\n", ".");
+            assert!(err.to_string().starts_with(&dotted), "{err}");
+            assert!(err.to_string().contains("greater than 0s"), "{err}");
+        }
+        // "0s" still means "off" where a key says so.
+        load_str("[server]\nshutdown_delay = \"0s\"\n", &[]).unwrap();
+    }
+
+    #[test]
+    fn write_buffer_must_hold_one_full_reply() {
+        let err = load_str(
+            "[protocol]\nmax_frame_bytes = 100000\n[limits]\nmax_write_buffer_bytes = 100000\n",
+            &[],
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().starts_with("limits.max_write_buffer_bytes"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("100064"), "{err}");
+        load_str(
+            "[protocol]\nmax_frame_bytes = 100000\n[limits]\nmax_write_buffer_bytes = 100064\n",
+            &[],
+        )
+        .unwrap();
+        let err = load_str("[protocol]\nmax_line_bytes = 300000\n", &[]).unwrap_err();
+        assert!(
+            err.to_string().starts_with("limits.max_write_buffer_bytes"),
             "{err}"
         );
     }

@@ -1,6 +1,21 @@
 //! The rules the types alone do not express; each error names its key.
 
+use std::time::Duration;
+
 use super::{AuthMode, Config, ConfigError, ProxyMode, MAX_FRAME_CAP, MAX_LINE_CAP};
+
+/// The longest duration any key accepts: a longer one is a typo or an attack on the
+/// configuration, never a deliberate setting.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 86_400);
+/// The most `auth.max_failures` allowed: the failure log of a key holds that many instants.
+const MAX_FAILURES: u32 = 1000;
+
+/// The largest reply the gateway can queue at once: a full message echoed back, plus the
+/// reply's own prefix and framing.
+fn largest_reply(config: &Config) -> usize {
+    let p = &config.protocol;
+    p.max_frame_bytes.max(p.max_line_bytes) + 64
+}
 
 impl Config {
     /// Checks every rule that the types alone do not express.
@@ -24,6 +39,7 @@ impl Config {
                 ),
             ));
         }
+        self.validate_durations()?;
         self.validate_limits()?;
         self.validate_auth()?;
         if self.proxy_protocol.max_v2_bytes > 65535 {
@@ -73,20 +89,15 @@ impl Config {
         if let Some((key, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(ConfigError::key(key, "must be greater than 0"));
         }
-        let durations = [
-            ("limits.handshake_timeout", l.handshake_timeout),
-            ("limits.idle_timeout", l.idle_timeout),
-            ("limits.prune_interval", l.prune_interval),
-            ("auth.auth_timeout", self.auth.auth_timeout),
-            ("auth.failure_window", self.auth.failure_window),
-            (
-                "proxy_protocol.header_timeout",
-                self.proxy_protocol.header_timeout,
-            ),
-            ("admin.header_timeout", self.admin.header_timeout),
-        ];
-        if let Some((key, _)) = durations.iter().find(|(_, d)| d.is_zero()) {
-            return Err(ConfigError::key(key, "must be greater than 0s"));
+        let needed = largest_reply(self);
+        if l.max_write_buffer_bytes < needed {
+            return Err(ConfigError::key(
+                "limits.max_write_buffer_bytes",
+                format!(
+                    "must be at least the larger of protocol.max_frame_bytes and \
+                     protocol.max_line_bytes, plus 64 ({needed}), so that one full reply fits"
+                ),
+            ));
         }
         if l.ipv6_prefix == 0 || l.ipv6_prefix > 128 {
             return Err(ConfigError::key(
@@ -97,8 +108,53 @@ impl Config {
         Ok(())
     }
 
+    /// Every duration is at most [`MAX_DURATION`]; every timeout and interval is above 0.
+    fn validate_durations(&self) -> Result<(), ConfigError> {
+        let (l, a) = (&self.limits, &self.auth);
+        // Keys for which "0s" means "off" (SPEC section 3).
+        let may_be_zero = [
+            ("server.shutdown_delay", self.server.shutdown_delay),
+            ("tls.reload_interval", self.tls.reload_interval),
+            ("auth.ban_duration", a.ban_duration),
+        ];
+        let positive = [
+            ("server.drain_timeout", self.server.drain_timeout),
+            ("limits.handshake_timeout", l.handshake_timeout),
+            ("limits.idle_timeout", l.idle_timeout),
+            ("limits.prune_interval", l.prune_interval),
+            ("auth.auth_timeout", a.auth_timeout),
+            ("auth.failure_window", a.failure_window),
+            (
+                "proxy_protocol.header_timeout",
+                self.proxy_protocol.header_timeout,
+            ),
+            ("admin.idle_timeout", self.admin.idle_timeout),
+            ("admin.header_timeout", self.admin.header_timeout),
+        ];
+        if let Some((key, _)) = positive.iter().find(|(_, d)| d.is_zero()) {
+            return Err(ConfigError::key(key, "must be greater than 0s"));
+        }
+        let too_long = positive
+            .iter()
+            .chain(&may_be_zero)
+            .find(|(_, d)| *d > MAX_DURATION);
+        if let Some((key, d)) = too_long {
+            return Err(ConfigError::key(
+                key,
+                format!("{} is longer than 365 days", humantime::format_duration(*d)),
+            ));
+        }
+        Ok(())
+    }
+
     fn validate_auth(&self) -> Result<(), ConfigError> {
         let a = &self.auth;
+        if a.max_failures > MAX_FAILURES {
+            return Err(ConfigError::key(
+                "auth.max_failures",
+                format!("must be at most {MAX_FAILURES}"),
+            ));
+        }
         if a.mode == AuthMode::Mtls && self.tls.client_ca().is_none() {
             return Err(ConfigError::key(
                 "auth.mode",
