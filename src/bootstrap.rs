@@ -26,8 +26,20 @@ pub enum BootstrapError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("{path} already exists; pass --force to replace it")]
+    Exists { path: PathBuf },
     #[error("cannot generate a certificate: {0}")]
     Rcgen(#[from] rcgen::Error),
+}
+
+/// What to do when a file to be written already exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Existing {
+    /// Refuse, before anything is written: a CA key silently replaced would orphan every
+    /// certificate it signed.
+    Refuse,
+    /// Replace it (`certs generate --force`); each file is swapped in whole by a rename.
+    Replace,
 }
 
 /// The files `certs generate` writes.
@@ -42,6 +54,18 @@ pub struct CertPaths {
 }
 
 impl CertPaths {
+    /// Every file, keys first.
+    pub fn all(&self) -> [&Path; 6] {
+        [
+            self.ca_key.as_path(),
+            self.server_key.as_path(),
+            self.client_key.as_path(),
+            self.ca_cert.as_path(),
+            self.server_cert.as_path(),
+            self.client_cert.as_path(),
+        ]
+    }
+
     pub fn in_dir(dir: &Path) -> Self {
         CertPaths {
             ca_cert: dir.join("ca.pem"),
@@ -63,7 +87,9 @@ pub fn default_sans() -> Vec<String> {
 /// working, short enough that the expiry gauge and alert have something to say.
 const VALIDITY_DAYS: i64 = 365;
 
-/// Parameters valid from yesterday (clock skew) for [`VALIDITY_DAYS`].
+/// Parameters valid from yesterday (clock skew) for [`VALIDITY_DAYS`], with the extensions
+/// strict validators require of every certificate (SPEC 9): a Subject Key Identifier, and,
+/// on certificates signed by the CA, an Authority Key Identifier.
 fn params(names: Vec<String>, common_name: &str) -> Result<CertificateParams, rcgen::Error> {
     let mut params = CertificateParams::new(names)?;
     params
@@ -73,47 +99,91 @@ fn params(names: Vec<String>, common_name: &str) -> Result<CertificateParams, rc
     params.not_before = now - time::Duration::days(1);
     params.not_after = now + time::Duration::days(VALIDITY_DAYS);
     params.serial_number = Some(rcgen::SerialNumber::from_slice(&rand::random::<[u8; 16]>()));
+    params.use_authority_key_identifier_extension = true;
+    Ok(params)
+}
+
+/// A leaf: not a CA (basic constraints CA:FALSE, which rcgen writes with the SKI), a
+/// digital-signature key (ECDSA), for one purpose.
+fn leaf_params(
+    names: Vec<String>,
+    common_name: &str,
+    purpose: ExtendedKeyUsagePurpose,
+) -> Result<CertificateParams, rcgen::Error> {
+    let mut params = params(names, common_name)?;
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![purpose];
     Ok(params)
 }
 
 /// Generates a CA, a server certificate for `sans` and a client certificate (identity
-/// `dev-client`) into `dir`. Keys are ECDSA P-256, written with mode 0600.
+/// `dev-client`) into `dir`, refusing to replace any existing file. Keys are ECDSA P-256,
+/// mode 0600 from their first byte.
 pub fn generate_certs(dir: &Path, sans: &[String]) -> Result<CertPaths, BootstrapError> {
-    create_dir(dir)?;
+    generate_certs_with(dir, sans, Existing::Refuse)
+}
+
+/// [`generate_certs`], saying what to do with existing files. With [`Existing::Refuse`]
+/// nothing is written when any of the six files exists.
+pub fn generate_certs_with(
+    dir: &Path,
+    sans: &[String],
+    existing: Existing,
+) -> Result<CertPaths, BootstrapError> {
     let paths = CertPaths::in_dir(dir);
+    if existing == Existing::Refuse {
+        if let Some(path) = paths.all().into_iter().find(|p| p.exists()) {
+            return Err(BootstrapError::Exists { path: path.into() });
+        }
+    }
+    create_dir(dir)?;
 
     let ca_key = KeyPair::generate()?;
     let mut ca_params = params(Vec::new(), "portcullis dev CA")?;
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    // Path length 0: this CA signs leaves only.
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     let ca = ca_params.self_signed(&ca_key)?;
 
     let server_key = KeyPair::generate()?;
-    let mut server_params = params(sans.to_vec(), "portcullis")?;
-    server_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let server_params = leaf_params(
+        sans.to_vec(),
+        "portcullis",
+        ExtendedKeyUsagePurpose::ServerAuth,
+    )?;
     let server = server_params.signed_by(&server_key, &ca, &ca_key)?;
 
     let client_key = KeyPair::generate()?;
-    let mut client_params = params(vec!["dev-client".to_string()], "dev-client")?;
-    client_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let client_params = leaf_params(
+        vec!["dev-client".to_string()],
+        "dev-client",
+        ExtendedKeyUsagePurpose::ClientAuth,
+    )?;
     let client = client_params.signed_by(&client_key, &ca, &ca_key)?;
 
-    write_file(&paths.ca_cert, ca.pem().as_bytes(), 0o644)?;
-    write_file(&paths.ca_key, ca_key.serialize_pem().as_bytes(), 0o600)?;
-    write_file(&paths.server_cert, server.pem().as_bytes(), 0o644)?;
-    write_file(
-        &paths.server_key,
-        server_key.serialize_pem().as_bytes(),
-        0o600,
-    )?;
-    write_file(&paths.client_cert, client.pem().as_bytes(), 0o644)?;
-    write_file(
-        &paths.client_key,
-        client_key.serialize_pem().as_bytes(),
-        0o600,
-    )?;
+    let files = [
+        (&paths.ca_key, ca_key.serialize_pem(), SECRET),
+        (&paths.ca_cert, ca.pem(), PUBLIC),
+        (&paths.server_key, server_key.serialize_pem(), SECRET),
+        (&paths.server_cert, server.pem(), PUBLIC),
+        (&paths.client_key, client_key.serialize_pem(), SECRET),
+        (&paths.client_cert, client.pem(), PUBLIC),
+    ];
+    for (path, pem, mode) in files {
+        write_file(path, pem.as_bytes(), mode, existing)?;
+    }
     Ok(paths)
 }
+
+/// The mode of keys and tokens: the owner's only.
+const SECRET: u32 = 0o600;
+/// The mode of certificates and the configuration.
+const PUBLIC: u32 = 0o644;
 
 /// A fresh random token (256 bits, hex) and its SHA-256 for the configuration.
 pub fn new_token() -> (String, String) {
@@ -153,7 +223,12 @@ pub fn dev_setup(dir: &Path) -> Result<DevSetup, BootstrapError> {
     }
     generate_certs(&dir.join("certs"), &default_sans())?;
     let (token, digest) = new_token();
-    write_file(&token_path, format!("{token}\n").as_bytes(), 0o600)?;
+    write_file(
+        &token_path,
+        format!("{token}\n").as_bytes(),
+        SECRET,
+        Existing::Refuse,
+    )?;
     let config = format!(
         "# Development configuration written by `portcullis` on first run.\n\
          # Keys and their defaults: see README.md.\n\n\
@@ -162,7 +237,7 @@ pub fn dev_setup(dir: &Path) -> Result<DevSetup, BootstrapError> {
          {}",
         token_entry("dev", &digest)
     );
-    write_file(&config_path, config.as_bytes(), 0o644)?;
+    write_file(&config_path, config.as_bytes(), PUBLIC, Existing::Refuse)?;
     Ok(DevSetup {
         config_path,
         token: Some(token),
@@ -194,26 +269,49 @@ fn create_dir(dir: &Path) -> Result<(), BootstrapError> {
     })
 }
 
-fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), BootstrapError> {
+/// Writes `contents` to a new temporary file beside `path`, created with `mode` (so a key
+/// is never readable by others, not even for an instant), then moves it into place: by a
+/// hard link that fails if `path` exists ([`Existing::Refuse`]), or by a rename that
+/// replaces it whole ([`Existing::Replace`]). A reader never sees a half-written file.
+fn write_file(
+    path: &Path,
+    contents: &[u8],
+    mode: u32,
+    existing: Existing,
+) -> Result<(), BootstrapError> {
     use std::os::unix::fs::OpenOptionsExt;
     let err = |source| BootstrapError::Write {
         path: path.into(),
         source,
     };
-    if let Some(parent) = path.parent() {
-        create_dir(parent)?;
-    }
-    let mut file = fs::OpenOptions::new()
+    let dir = path.parent().unwrap_or(Path::new("."));
+    create_dir(dir)?;
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let temp = dir.join(format!(".{name}.{:016x}.tmp", rand::random::<u64>()));
+    let written = fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(mode)
-        .open(path)
-        .map_err(err)?;
-    file.write_all(contents).map_err(err)?;
-    // `mode` applies only to a new file; make an existing one private too.
-    use std::os::unix::fs::PermissionsExt;
-    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(err)
+        .open(&temp)
+        .and_then(|mut file| {
+            // The umask may have cleared bits of `mode`; set exactly it, still before the
+            // first byte.
+            use std::os::unix::fs::PermissionsExt;
+            file.set_permissions(fs::Permissions::from_mode(mode))?;
+            file.write_all(contents)?;
+            file.sync_all()
+        })
+        .and_then(|()| match existing {
+            Existing::Refuse => fs::hard_link(&temp, path),
+            Existing::Replace => fs::rename(&temp, path),
+        });
+    let _ = fs::remove_file(&temp);
+    match written {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            Err(BootstrapError::Exists { path: path.into() })
+        }
+        other => other.map_err(err),
+    }
 }
 
 #[cfg(test)]

@@ -66,6 +66,10 @@ enum CertsCommand {
         /// Server names (DNS names or IP addresses); default localhost, 127.0.0.1, ::1.
         #[arg(long = "san")]
         sans: Vec<String>,
+        /// Replace existing files (by default nothing is written when any exists: a
+        /// replaced CA key orphans every certificate it signed).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -101,14 +105,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::CheckConfig => check_config(cli.config, &flags),
         Command::Healthcheck { url } => Ok(healthcheck(url, cli.config, &flags)),
         Command::Certs {
-            command: CertsCommand::Generate { out, sans },
+            command: CertsCommand::Generate { out, sans, force },
         } => {
             let sans = if sans.is_empty() {
                 bootstrap::default_sans()
             } else {
                 sans
             };
-            let paths = bootstrap::generate_certs(&out, &sans)?;
+            let existing = if force {
+                bootstrap::Existing::Replace
+            } else {
+                bootstrap::Existing::Refuse
+            };
+            let paths = bootstrap::generate_certs_with(&out, &sans, existing)?;
             println!("CA:     {}", paths.ca_cert.display());
             println!(
                 "server: {} {}",
