@@ -1,6 +1,7 @@
 //! The admin HTTP listener: `/metrics` (Prometheus text), `/healthz` (200 while the process
-//! runs), `/readyz` (200 while accepting, 503 from the moment a drain begins), 404 for the
-//! rest. Loopback by default: metrics describe the attack surface and are not public.
+//! runs), `/readyz` (200 while accepting, 503 from the moment a drain begins and while no
+//! upstream server is up), 404 for the rest. Loopback by default: metrics describe the
+//! attack surface and are not public.
 //!
 //! Bounded like the gateway itself, so that no client can hold the listener or the process:
 //! - at most `admin.max_connections` at once; at the cap the connection open longest is
@@ -114,6 +115,8 @@ async fn render_metrics(State(state): State<AdminState>) -> impl IntoResponse {
 async fn ready(State(state): State<AdminState>) -> impl IntoResponse {
     if state.gateway.shutdown.is_draining() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+    } else if !state.gateway.service.is_ready() {
+        (StatusCode::SERVICE_UNAVAILABLE, "no upstream server up\n")
     } else {
         (StatusCode::OK, "ready\n")
     }

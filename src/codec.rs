@@ -172,22 +172,24 @@ impl Decoder for MessageCodec {
 }
 
 impl MessageCodec {
+    /// The framing: as forced, as already decided, or decided now by the first byte of
+    /// `src`. `None` while it is unknown and `src` is empty.
+    pub fn detect(&mut self, src: &[u8]) -> Option<Framing> {
+        if self.framing.is_none() {
+            let &first = src.first()?;
+            self.framing = Some(if first == 0 {
+                Framing::Binary
+            } else {
+                Framing::Text
+            });
+        }
+        self.framing
+    }
+
     /// Decodes the next message, if a whole one is buffered.
     pub fn decode_message(&mut self, src: &mut BytesMut) -> Result<Option<Message>, TooLarge> {
-        let framing = match self.framing {
-            Some(framing) => framing,
-            None => {
-                let Some(&first) = src.first() else {
-                    return Ok(None);
-                };
-                let framing = if first == 0 {
-                    Framing::Binary
-                } else {
-                    Framing::Text
-                };
-                self.framing = Some(framing);
-                framing
-            }
+        let Some(framing) = self.detect(src) else {
+            return Ok(None);
         };
         match framing {
             Framing::Binary => self.decode_binary(src),

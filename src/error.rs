@@ -80,11 +80,15 @@ pub enum CloseReason {
     Shutdown,
     /// A socket error.
     IoError,
+    /// The upstream closed the relayed connection (what it sent was delivered first).
+    UpstreamClosed,
+    /// No upstream could be reached, or the upstream failed or broke the protocol.
+    UpstreamError,
 }
 
 impl CloseReason {
     /// Every value, for pre-registering metric series.
-    pub const ALL: [CloseReason; 12] = [
+    pub const ALL: [CloseReason; 14] = [
         CloseReason::ClientClose,
         CloseReason::Quit,
         CloseReason::IdleTimeout,
@@ -97,6 +101,8 @@ impl CloseReason {
         CloseReason::Banned,
         CloseReason::Shutdown,
         CloseReason::IoError,
+        CloseReason::UpstreamClosed,
+        CloseReason::UpstreamError,
     ];
 
     /// The label value.
@@ -114,6 +120,8 @@ impl CloseReason {
             CloseReason::Banned => "banned",
             CloseReason::Shutdown => "shutdown",
             CloseReason::IoError => "io_error",
+            CloseReason::UpstreamClosed => "upstream_closed",
+            CloseReason::UpstreamError => "upstream_error",
         }
     }
 }
@@ -128,6 +136,8 @@ pub enum ErrorCode {
     UnknownCommand,
     BadRequest,
     ShuttingDown,
+    /// No upstream server could be reached (SPEC section 6).
+    UpstreamUnavailable,
 }
 
 impl ErrorCode {
@@ -141,6 +151,49 @@ impl ErrorCode {
             ErrorCode::UnknownCommand => "UNKNOWN_COMMAND",
             ErrorCode::BadRequest => "BAD_REQUEST",
             ErrorCode::ShuttingDown => "SHUTTING_DOWN",
+            ErrorCode::UpstreamUnavailable => "UPSTREAM_UNAVAILABLE",
+        }
+    }
+}
+
+/// What went wrong with an upstream: the `reason` label of
+/// `portcullis_upstream_errors_total` (SPEC section 8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum UpstreamError {
+    /// A connect was refused or failed.
+    ConnectFailed,
+    /// A connect took longer than `connect_timeout`.
+    ConnectTimeout,
+    /// No server could take the connection: the client got `ERR UPSTREAM_UNAVAILABLE`.
+    Unavailable,
+    /// An upstream message announced more than `max_reply_bytes`.
+    ReplyTooLarge,
+    /// An upstream message that cannot be delivered in the client's framing.
+    UpstreamProtocol,
+    /// The upstream connection failed mid-way (reset, broken pipe).
+    Reset,
+}
+
+impl UpstreamError {
+    /// Every value, for pre-registering metric series.
+    pub const ALL: [UpstreamError; 6] = [
+        UpstreamError::ConnectFailed,
+        UpstreamError::ConnectTimeout,
+        UpstreamError::Unavailable,
+        UpstreamError::ReplyTooLarge,
+        UpstreamError::UpstreamProtocol,
+        UpstreamError::Reset,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamError::ConnectFailed => "connect_failed",
+            UpstreamError::ConnectTimeout => "connect_timeout",
+            UpstreamError::Unavailable => "unavailable",
+            UpstreamError::ReplyTooLarge => "reply_too_large",
+            UpstreamError::UpstreamProtocol => "upstream_protocol",
+            UpstreamError::Reset => "reset",
         }
     }
 }

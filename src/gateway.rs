@@ -14,6 +14,7 @@ use crate::config::Config;
 use crate::proxy_protocol::ProxySettings;
 use crate::shutdown::Shutdown;
 use crate::tls::{TlsMaterial, TlsSettings, TlsState};
+use crate::upstream::Upstream;
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +23,8 @@ pub enum StartError {
     Tls(#[from] crate::tls::TlsError),
     #[error(transparent)]
     Tokens(#[from] crate::auth::BadDigest),
+    #[error(transparent)]
+    Upstream(#[from] crate::upstream::UpstreamInitError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -40,7 +43,41 @@ pub struct Gateway {
     pub proxy: ProxySettings,
     /// `commands_per_second` / `commands_burst`, for each connection's own limiter.
     pub command_quota: governor::Quota,
+    /// What serves a connection once it is authenticated.
+    pub service: Service,
     pub shutdown: Shutdown,
+}
+
+/// What serves an authenticated connection, chosen at start (SPEC section 6). Before
+/// authentication the built-in commands always answer (PING, AUTH, HELP, QUIT); after it,
+/// either they go on answering, or every message goes to the operator's own service.
+pub enum Service {
+    /// The built-in commands of SPEC section 2.2: `[upstream] servers` is empty.
+    Commands,
+    /// The upstream relay.
+    Upstream(Arc<Upstream>),
+}
+
+impl Service {
+    fn from_config(config: &Config) -> Result<Service, StartError> {
+        Ok(match Upstream::from_config(config)? {
+            Some(upstream) => Service::Upstream(Arc::new(upstream)),
+            None => Service::Commands,
+        })
+    }
+
+    /// The upstream, when one serves.
+    pub fn upstream(&self) -> Option<&Upstream> {
+        match self {
+            Service::Commands => None,
+            Service::Upstream(upstream) => Some(upstream),
+        }
+    }
+
+    /// False while an upstream is configured and none of its servers is up (`/readyz`).
+    pub fn is_ready(&self) -> bool {
+        self.upstream().is_none_or(Upstream::any_up)
+    }
 }
 
 impl Gateway {
@@ -59,6 +96,7 @@ impl Gateway {
                 config.limits.commands_per_second,
                 config.limits.commands_burst,
             ),
+            service: Service::from_config(&config)?,
             config,
             shutdown,
         })

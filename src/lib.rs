@@ -15,7 +15,9 @@
 //! 4. [`codec`] splits the byte stream into binary frames or text lines, refusing any
 //!    message over its cap before buffering it.
 //! 5. [`auth`] turns a client certificate or a token into a principal; [`command`] serves
-//!    the requests behind the NOAUTH gate.
+//!    the requests behind the NOAUTH gate, or, when `[upstream] servers` are configured,
+//!    [`upstream`] relays the authenticated connection to the operator's own service (the
+//!    choice is [`gateway::Service`]).
 //! 6. [`metrics`] names every metric and writes the rate-limited security log; [`admin`]
 //!    serves `/metrics`, `/healthz` and `/readyz`; [`error`] holds the closed sets that
 //!    become labels.
@@ -42,3 +44,4 @@ pub mod server;
 pub mod session;
 pub mod shutdown;
 pub mod tls;
+pub mod upstream;

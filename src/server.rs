@@ -147,7 +147,12 @@ async fn background(
         }
     };
     let reloads = crate::reload::watch(&gateway, stop.clone());
-    tokio::join!(pruning, upkeep, reloads);
+    let health = async {
+        if let Some(upstream) = gateway.service.upstream() {
+            upstream.check_health(stop.clone()).await;
+        }
+    };
+    tokio::join!(pruning, upkeep, reloads, health);
     let _ = admin_task.await;
 }
 

@@ -1,5 +1,6 @@
-//! One connection, end to end: admission → TLS handshake → framing → auth → commands →
-//! graceful close (SPEC section 1). Every way out returns a [`CloseReason`].
+//! One connection, end to end: admission → TLS handshake → framing → auth → commands or
+//! the upstream relay → graceful close (SPEC section 1). Every way out returns a
+//! [`CloseReason`].
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -19,15 +20,16 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admission::{normalize_ip, ClientGuard, ConnectionGuard};
 use crate::auth::Principal;
-use crate::codec::{Framing, Message, MessageCodec, TooLarge};
+use crate::codec::{self, Framing, Message, MessageCodec, TooLarge};
 use crate::command::{self, After, Context, Reply, Request};
-use crate::config::AuthMode;
+use crate::config::{AuthMode, UpstreamMode};
 use crate::deadline;
-use crate::error::{CloseReason, ErrorCode, RejectReason, SecurityEvent};
+use crate::error::{CloseReason, ErrorCode, RejectReason, SecurityEvent, UpstreamError};
 use crate::gateway::Gateway;
 use crate::handshake::{handshake, version_label};
 use crate::metrics::{self, Direction};
 use crate::proxy_protocol::{Outcome, Rewind};
+use crate::upstream::{stream, ClientInfo, Link, LinkEvent, Upstream};
 
 /// How long a graceful close (pending replies, close_notify) may take before the socket is
 /// simply dropped.
@@ -154,6 +156,10 @@ async fn serve(
     banned: &CancellationToken,
     gateway: &Gateway,
 ) -> CloseReason {
+    // What the upstream is told: the client address and the address it connected to.
+    let tcp = stream.tcp();
+    let port = tcp.peer_addr().map_or(0, |a| a.port());
+    let local = tcp.local_addr().unwrap_or(gateway.config.server.listen);
     // Boxed: its state is needed only until the handshake ends, not for the connection's life.
     let handshake = Box::pin(handshake(stream, ip, gateway)).await;
     drop(handshake_permit);
@@ -172,6 +178,8 @@ async fn serve(
         stream: tls,
         gateway,
         ip,
+        peer: SocketAddr::new(ip, port),
+        local,
         banned,
         command_rate: RateLimiter::direct(gateway.command_quota),
         principal,
@@ -185,6 +193,7 @@ async fn serve(
         rbuf: BytesMut::new(),
         wbuf: BytesMut::new(),
         needs_flush: false,
+        link: None,
     };
     session.run().await
 }
@@ -196,6 +205,10 @@ struct Session<'g> {
     gateway: &'g Gateway,
     /// The normalised client address: what WHOAMI shows and limits key on.
     ip: IpAddr,
+    /// The client address with its port, and the gateway address it connected to: the
+    /// upstream's PROXY header.
+    peer: SocketAddr,
+    local: SocketAddr,
     /// Cancelled when the client's key is banned.
     banned: &'g CancellationToken,
     /// `commands_per_second` / `commands_burst` for this connection.
@@ -211,19 +224,26 @@ struct Session<'g> {
     wbuf: BytesMut,
     /// TLS holds bytes that a flush must push to the socket.
     needs_flush: bool,
+    /// messages mode: the upstream connection, once the client is authenticated.
+    link: Option<Link>,
 }
 
 /// What the socket did.
 enum IoEvent {
     Read(io::Result<usize>),
     Wrote(io::Result<()>),
+    Upstream(LinkEvent),
 }
 
 /// What processing the buffered messages asks for.
 enum Step {
-    Continue { served: bool },
+    Continue {
+        served: bool,
+    },
     Close(CloseReason),
     TooLarge(TooLarge),
+    /// The client is authenticated (and its framing known): hand it to the upstream.
+    Connect,
 }
 
 impl Session<'_> {
@@ -254,6 +274,17 @@ impl Session<'_> {
                 Step::TooLarge(too_large) => {
                     return Box::pin(self.refuse_too_large(too_large)).await
                 }
+                Step::Connect => {
+                    if let Some(reason) = Box::pin(self.connect_upstream()).await {
+                        return reason;
+                    }
+                    continue;
+                }
+            }
+            match self.take_replies() {
+                Ok(true) => idle_deadline = deadline::from_now(limits.idle_timeout),
+                Ok(false) => {}
+                Err(reason) => return Box::pin(self.close(reason)).await,
             }
             if self.wbuf.len() > limits.max_write_buffer_bytes {
                 metrics::security_event(
@@ -263,7 +294,8 @@ impl Session<'_> {
                 );
                 return CloseReason::WriteOverflow;
             }
-            if draining && self.rbuf.is_empty() {
+            // Relayed connections are left to finish until `drain_timeout` (force).
+            if draining && self.rbuf.is_empty() && self.link.is_none() {
                 return Box::pin(self.close(CloseReason::Shutdown)).await;
             }
             let (deadline, expired) = if !self.authenticated() && auth_deadline < idle_deadline {
@@ -292,17 +324,37 @@ impl Session<'_> {
                 }
                 Ok(IoEvent::Read(Ok(_)) | IoEvent::Wrote(Ok(()))) => {}
                 Ok(IoEvent::Read(Err(e)) | IoEvent::Wrote(Err(e))) => return io_reason(&e),
+                Ok(IoEvent::Upstream(LinkEvent::Progress)) => {}
+                Ok(IoEvent::Upstream(LinkEvent::Closed)) => {
+                    return Box::pin(self.upstream_closed()).await
+                }
+                Ok(IoEvent::Upstream(LinkEvent::Failed(e))) => {
+                    tracing::debug!(ip = %self.ip, error = %e, "upstream connection failed");
+                    metrics::upstream_error(UpstreamError::Reset);
+                    return Box::pin(self.close(CloseReason::UpstreamError)).await;
+                }
             }
         }
     }
 
-    /// Moves bytes: queued replies out first, then requests in. The read buffer is only
+    /// Moves bytes: queued replies out first, then the upstream's side, then requests in.
+    /// The upstream is read only while the client's write buffer has room, and the client
+    /// only while the upstream's has: backpressure both ways. The read buffer is only
     /// held while a read is under way: an idle connection gives it back, which is most of
     /// what an idle connection would otherwise cost.
     fn poll_io(&mut self, cx: &mut std::task::Context<'_>) -> Poll<IoEvent> {
         if !self.wbuf.is_empty() || self.needs_flush {
             if let Poll::Ready(result) = self.poll_write_some(cx) {
                 return Poll::Ready(IoEvent::Wrote(result));
+            }
+        }
+        if let Some(link) = &mut self.link {
+            let room = self.wbuf.len() < self.gateway.config.limits.max_write_buffer_bytes;
+            if let Poll::Ready(event) = link.poll_io(cx, room) {
+                return Poll::Ready(IoEvent::Upstream(event));
+            }
+            if !link.has_room() {
+                return Poll::Pending;
             }
         }
         if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 2 {
@@ -345,10 +397,28 @@ impl Session<'_> {
         self.gateway.config.auth.mode == AuthMode::None || self.principal.is_some()
     }
 
+    /// True when the client should now be handed to the upstream: one serves, the client
+    /// is authenticated, and (messages mode) its framing is known, from configuration or
+    /// from its first byte.
+    fn wants_upstream(&mut self) -> bool {
+        let Some(upstream) = self.gateway.service.upstream() else {
+            return false;
+        };
+        self.link.is_none()
+            && self.authenticated()
+            && (upstream.mode() == UpstreamMode::Stream || self.codec.detect(&self.rbuf).is_some())
+    }
+
     /// Decodes and serves every complete message in the read buffer, queueing the replies.
     fn process_buffered(&mut self) -> Step {
         let mut served = false;
         loop {
+            if self.wants_upstream() {
+                return Step::Connect;
+            }
+            if self.link.as_ref().is_some_and(|link| !link.has_room()) {
+                return Step::Continue { served };
+            }
             let message = match self.codec.decode_message(&mut self.rbuf) {
                 Ok(Some(message)) => message,
                 Ok(None) => return Step::Continue { served },
@@ -366,6 +436,10 @@ impl Session<'_> {
                     "commands_per_second exceeded",
                 );
                 self.queue_reply(&Reply::Err(ErrorCode::RateLimited, "slow down").parts());
+                continue;
+            }
+            if let Some(link) = &mut self.link {
+                link.forward(&bytes);
                 continue;
             }
             match self.serve(Request::parse(bytes)) {
@@ -412,7 +486,110 @@ impl Session<'_> {
         metrics::traffic(Direction::Out, 1, len as u64);
     }
 
-    /// Sends what is queued, then close_notify, then closes; bounded by [`CLOSE_TIMEOUT`].
+    /// Opens the upstream connection. `None` when messages now flow through it; else the
+    /// connection is over: no server could be reached, or the stream relay has ended.
+    async fn connect_upstream(&mut self) -> Option<CloseReason> {
+        let upstream: &Upstream = self.gateway.service.upstream()?;
+        let framing = self.codec.framing().unwrap_or(Framing::Text);
+        let (_, conn) = self.stream.get_ref();
+        let client = ClientInfo::from_tls(
+            conn,
+            self.peer,
+            self.local,
+            self.principal.as_ref(),
+            framing,
+        );
+        match upstream.open(&client).await {
+            Ok(link) if upstream.mode() == UpstreamMode::Stream => {
+                Some(self.relay_stream(link).await)
+            }
+            Ok(link) => {
+                self.link = Some(link);
+                None
+            }
+            Err(_) => {
+                let reply = Reply::Err(ErrorCode::UpstreamUnavailable, "try again later");
+                self.queue_reply(&reply.parts());
+                Some(self.close(CloseReason::UpstreamError).await)
+            }
+        }
+    }
+
+    /// stream mode: after the replies already queued (the `OK` to `AUTH`), bytes flow as
+    /// they are until both sides have closed.
+    async fn relay_stream(&mut self, link: Link) -> CloseReason {
+        let (stream, wbuf) = (&mut self.stream, &mut self.wbuf);
+        let sent = timeout(CLOSE_TIMEOUT, async {
+            stream.write_all(wbuf).await?;
+            stream.flush().await
+        })
+        .await;
+        if !matches!(sent, Ok(Ok(()))) {
+            return CloseReason::IoError;
+        }
+        self.wbuf.clear();
+        let pending = self.rbuf.split().freeze();
+        let stops = stream::Stops {
+            idle_timeout: self.gateway.config.limits.idle_timeout,
+            force: &self.gateway.shutdown.force,
+            banned: self.banned,
+        };
+        let reason = stream::relay(&mut self.stream, link, pending, stops).await;
+        self.close(reason).await
+    }
+
+    /// messages mode: moves complete upstream messages into the write buffer, in the
+    /// client's framing, while it has room. True when any moved.
+    fn take_replies(&mut self) -> Result<bool, CloseReason> {
+        let Some(link) = &mut self.link else {
+            return Ok(false);
+        };
+        let framing = self.codec.framing().unwrap_or(Framing::Text);
+        let cap = self.gateway.config.limits.max_write_buffer_bytes;
+        let mut moved = false;
+        loop {
+            // A frame header (4 bytes) or a newline must fit too.
+            let room = cap.saturating_sub(self.wbuf.len() + 4);
+            let reply = match link.next_reply(room) {
+                Ok(Some(reply)) => reply,
+                Ok(None) => return Ok(moved),
+                Err(error) => {
+                    metrics::upstream_error(error);
+                    return Err(CloseReason::UpstreamError);
+                }
+            };
+            if framing == Framing::Text && memchr::memchr(b'\n', &reply).is_some() {
+                // A message holding a newline cannot be one line of a text client.
+                metrics::upstream_error(UpstreamError::UpstreamProtocol);
+                return Err(CloseReason::UpstreamError);
+            }
+            codec::encode(framing, &[&reply], &mut self.wbuf);
+            metrics::traffic(Direction::Out, 1, reply.len() as u64);
+            moved = true;
+        }
+    }
+
+    /// The upstream closed: what it sent is delivered, then the client gets close_notify.
+    async fn upstream_closed(&mut self) -> CloseReason {
+        loop {
+            match self.take_replies() {
+                Ok(true) => {}
+                Ok(false) => return self.close(CloseReason::UpstreamClosed).await,
+                Err(reason) => return self.close(reason).await,
+            }
+            let (stream, wbuf) = (&mut self.stream, &self.wbuf);
+            if timeout(CLOSE_TIMEOUT, stream.write_all(wbuf))
+                .await
+                .is_err()
+            {
+                return CloseReason::UpstreamClosed;
+            }
+            self.wbuf.clear();
+        }
+    }
+
+    /// Sends what is queued, then close_notify, then closes; then delivers what is queued
+    /// for the upstream and closes it. Each bounded by [`CLOSE_TIMEOUT`].
     async fn close(&mut self, reason: CloseReason) -> CloseReason {
         let (stream, wbuf) = (&mut self.stream, &self.wbuf);
         let _ = timeout(CLOSE_TIMEOUT, async {
@@ -420,6 +597,9 @@ impl Session<'_> {
             stream.shutdown().await
         })
         .await;
+        if let Some(link) = &mut self.link {
+            let _ = timeout(CLOSE_TIMEOUT, link.finish()).await;
+        }
         reason
     }
 

@@ -64,6 +64,7 @@ pub struct Config {
     pub proxy_protocol: ProxyProtocolSection,
     pub admin: AdminSection,
     pub log: LogSection,
+    pub upstream: UpstreamSection,
     /// The file this configuration was read from: reloads read its tokens again.
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -348,6 +349,115 @@ impl Default for LogSection {
         LogSection {
             format: LogFormat::Text,
             level: "info".into(),
+        }
+    }
+}
+
+/// How an authenticated connection is relayed to the upstream (SPEC section 6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamMode {
+    /// Every client message is checked, then forwarded as one length-prefixed frame.
+    Messages,
+    /// After authentication the bytes are relayed as they are.
+    Stream,
+}
+
+/// How a server is chosen among those up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    /// The server with the fewest open relayed connections.
+    LeastConn,
+    /// Each server in turn.
+    RoundRobin,
+}
+
+/// The header sent first on each upstream connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SendProxy {
+    /// A PROXY v2 header with the client's address and identity TLVs.
+    V2,
+    /// Nothing: the upstream receives the frames (or bytes) only.
+    Off,
+}
+
+/// Where one upstream server listens, as configured (`host:port` or `unix:/path`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerAddress {
+    /// A host name or IP address and a port, resolved at start.
+    Tcp { host: String, port: u16 },
+    /// An absolute Unix socket path.
+    Unix(PathBuf),
+}
+
+impl ServerAddress {
+    /// Parses `host:port`, `[v6]:port` or `unix:/path`.
+    pub fn parse(text: &str) -> Result<ServerAddress, String> {
+        if let Some(path) = text.strip_prefix("unix:") {
+            let path = PathBuf::from(path);
+            return if path.is_absolute() {
+                Ok(ServerAddress::Unix(path))
+            } else {
+                Err(format!("{text:?}: a unix socket path must be absolute"))
+            };
+        }
+        let (host, port) = text
+            .rsplit_once(':')
+            .ok_or_else(|| format!("{text:?} is not host:port or unix:/path"))?;
+        let port: u16 = port
+            .parse()
+            .map_err(|_| format!("{text:?}: {port:?} is not a port number"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() || port == 0 {
+            return Err(format!("{text:?} needs a host and a non-zero port"));
+        }
+        Ok(ServerAddress::Tcp {
+            host: host.to_string(),
+            port,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamSection {
+    /// The operator's own service: `host:port` (resolved at start) or `unix:/path`. Empty:
+    /// the built-in commands answer authenticated clients.
+    pub servers: Vec<String>,
+    pub mode: UpstreamMode,
+    pub balance: Balance,
+    /// A connect (or a health check) taking longer than this fails.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Relayed connections one server may hold; a full server is skipped.
+    pub max_connections_per_server: usize,
+    /// The cap on one message from the upstream, checked before it is buffered.
+    pub max_reply_bytes: usize,
+    pub send_proxy: SendProxy,
+    /// Active checks (TCP connect + PROXY v2 LOCAL) this often; 0s = passive only.
+    #[serde(with = "humantime_serde")]
+    pub health_interval: Duration,
+    /// Consecutive successes that mark a server up.
+    pub rise: u32,
+    /// Consecutive failures (checks or connects) that mark a server down.
+    pub fall: u32,
+}
+
+impl Default for UpstreamSection {
+    fn default() -> Self {
+        UpstreamSection {
+            servers: Vec::new(),
+            mode: UpstreamMode::Messages,
+            balance: Balance::LeastConn,
+            connect_timeout: Duration::from_secs(2),
+            max_connections_per_server: 10000,
+            max_reply_bytes: 65536,
+            send_proxy: SendProxy::V2,
+            health_interval: Duration::from_secs(5),
+            rise: 2,
+            fall: 3,
         }
     }
 }
@@ -720,6 +830,64 @@ mod tests {
         );
         let err = load_str("[auth]\nmode = \"mtls\"\n", &[]).unwrap_err();
         assert!(err.to_string().starts_with("auth.mode"), "{err}");
+    }
+
+    #[test]
+    fn upstream_keys_validate_and_take_environment_overrides() {
+        let c = load_str(
+            "[upstream]\nservers = [\"backend:7000\", \"unix:/run/app.sock\", \"[::1]:7001\"]\n\
+             mode = \"stream\"\nbalance = \"round_robin\"\nsend_proxy = \"off\"\n",
+            &[
+                (
+                    "PORTCULLIS_UPSTREAM_SERVERS",
+                    "10.0.0.5:7000, 10.0.0.6:7000",
+                ),
+                ("PORTCULLIS_UPSTREAM_HEALTH_INTERVAL", "0s"),
+                ("PORTCULLIS_UPSTREAM_FALL", "5"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.upstream.servers, ["10.0.0.5:7000", "10.0.0.6:7000"]);
+        assert_eq!(c.upstream.mode, UpstreamMode::Stream);
+        assert_eq!(c.upstream.balance, Balance::RoundRobin);
+        assert_eq!(c.upstream.send_proxy, SendProxy::Off);
+        assert_eq!(c.upstream.health_interval, Duration::ZERO);
+        assert_eq!(c.upstream.fall, 5);
+        assert_eq!(
+            ServerAddress::parse("[::1]:7001").unwrap(),
+            ServerAddress::Tcp {
+                host: "::1".into(),
+                port: 7001
+            }
+        );
+
+        let refused = [
+            ("servers = [\"backend\"]", "upstream.servers[0]"),
+            ("servers = [\"unix:run/app.sock\"]", "upstream.servers[0]"),
+            ("servers = [\"a:1\", \"a:1\"]", "upstream.servers[1]"),
+            ("mode = \"datagram\"", "upstream.mode"),
+            ("balance = \"random\"", "upstream.balance"),
+            ("send_proxy = \"v1\"", "upstream.send_proxy"),
+            ("max_reply_bytes = 16777216", "upstream.max_reply_bytes"),
+            ("max_reply_bytes = 0", "upstream.max_reply_bytes"),
+            ("rise = 0", "upstream.rise"),
+            ("fall = 0", "upstream.fall"),
+            ("connect_timeout = \"0s\"", "upstream.connect_timeout"),
+            (
+                "max_connections_per_server = 0",
+                "upstream.max_connections_per_server",
+            ),
+        ];
+        for (line, key) in refused {
+            let err = load_str(&format!("[upstream]\n{line}\n"), &[]).unwrap_err();
+            assert!(err.to_string().starts_with(key), "{line}: {err}");
+        }
+        let err = load_str(
+            "[limits]\nmax_write_buffer_bytes = 70000\n[upstream]\nmax_reply_bytes = 69999\n",
+            &[],
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("max_write_buffer_bytes"), "{err}");
     }
 
     #[test]

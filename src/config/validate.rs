@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use super::{AuthMode, Config, ConfigError, ProxyMode, MAX_FRAME_CAP, MAX_LINE_CAP};
+use super::{AuthMode, Config, ConfigError, ProxyMode, ServerAddress, MAX_FRAME_CAP, MAX_LINE_CAP};
 
 /// The longest duration any key accepts: a longer one is a typo or an attack on the
 /// configuration, never a deliberate setting.
@@ -42,6 +42,7 @@ impl Config {
         self.validate_durations()?;
         self.validate_limits()?;
         self.validate_auth()?;
+        self.validate_upstream()?;
         if self.proxy_protocol.max_v2_bytes > 65535 {
             return Err(ConfigError::key(
                 "proxy_protocol.max_v2_bytes",
@@ -116,6 +117,7 @@ impl Config {
             ("server.shutdown_delay", self.server.shutdown_delay),
             ("tls.reload_interval", self.tls.reload_interval),
             ("auth.ban_duration", a.ban_duration),
+            ("upstream.health_interval", self.upstream.health_interval),
         ];
         let positive = [
             ("server.drain_timeout", self.server.drain_timeout),
@@ -130,6 +132,7 @@ impl Config {
             ),
             ("admin.idle_timeout", self.admin.idle_timeout),
             ("admin.header_timeout", self.admin.header_timeout),
+            ("upstream.connect_timeout", self.upstream.connect_timeout),
         ];
         if let Some((key, _)) = positive.iter().find(|(_, d)| d.is_zero()) {
             return Err(ConfigError::key(key, "must be greater than 0s"));
@@ -142,6 +145,49 @@ impl Config {
             return Err(ConfigError::key(
                 key,
                 format!("{} is longer than 365 days", humantime::format_duration(*d)),
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_upstream(&self) -> Result<(), ConfigError> {
+        let u = &self.upstream;
+        let mut seen = std::collections::HashSet::new();
+        for (i, server) in u.servers.iter().enumerate() {
+            let key = format!("upstream.servers[{i}]");
+            ServerAddress::parse(server).map_err(|message| ConfigError::key(&key, message))?;
+            if !seen.insert(server.as_str()) {
+                return Err(ConfigError::key(
+                    &key,
+                    format!("duplicate server {server:?}"),
+                ));
+            }
+        }
+        let positive: [(&str, u64); 3] = [
+            (
+                "upstream.max_connections_per_server",
+                u.max_connections_per_server as u64,
+            ),
+            ("upstream.rise", u.rise.into()),
+            ("upstream.fall", u.fall.into()),
+        ];
+        if let Some((key, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(ConfigError::key(key, "must be greater than 0"));
+        }
+        if u.max_reply_bytes == 0 || u.max_reply_bytes > MAX_FRAME_CAP {
+            return Err(ConfigError::key(
+                "upstream.max_reply_bytes",
+                format!(
+                    "must be between 1 and {MAX_FRAME_CAP} (16 MiB - 1), got {}",
+                    u.max_reply_bytes
+                ),
+            ));
+        }
+        // A relayed reply is held back until it fits the client's write buffer: one must fit.
+        if u.max_reply_bytes + 64 > self.limits.max_write_buffer_bytes {
+            return Err(ConfigError::key(
+                "upstream.max_reply_bytes",
+                "must be at most limits.max_write_buffer_bytes - 64 (one reply must fit)",
             ));
         }
         Ok(())

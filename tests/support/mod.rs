@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+pub mod upstream;
+
 use bytes::{Buf, BytesMut};
 use portcullis::bootstrap::{generate_certs, CertPaths};
 use portcullis::config::{Config, TokenEntry};

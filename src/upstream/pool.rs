@@ -1,0 +1,310 @@
+//! The configured servers, their health (rise/fall) and the choice of a server by
+//! `balance` among those up.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::config::Balance;
+
+/// With passive checks only, a server that is down gets one real connection attempt this
+/// often; that attempt counts as its check (SPEC section 6).
+pub(super) const PASSIVE_RETRY: Duration = Duration::from_secs(10);
+
+/// Where a server listens, resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+/// One configured server.
+pub(super) struct Server {
+    pub(super) target: Target,
+    /// Relayed connections open to it, for `least_conn` and `max_connections_per_server`.
+    active: AtomicUsize,
+    health: Mutex<Health>,
+    /// `portcullis_upstream_server_up{server}`, labelled with the configured address.
+    up_gauge: metrics::Gauge,
+}
+
+/// The rise/fall state of one server.
+#[derive(Debug)]
+struct Health {
+    up: bool,
+    /// Consecutive successes while down.
+    successes: u32,
+    /// Consecutive failures while up.
+    failures: u32,
+    /// Passive mode: when a down server may be tried again.
+    retry_at: Instant,
+}
+
+/// The servers and the settings that choose among them.
+pub(super) struct Pool {
+    pub(super) servers: Vec<Server>,
+    balance: Balance,
+    max_per_server: usize,
+    rise: u32,
+    fall: u32,
+    /// No active checks: down servers are retried by real connections.
+    passive_only: bool,
+    /// The round-robin cursor (also breaks `least_conn` ties, so they rotate).
+    next: AtomicUsize,
+}
+
+/// Settings of a [`Pool`].
+pub(super) struct PoolSettings {
+    pub balance: Balance,
+    pub max_per_server: usize,
+    pub rise: u32,
+    pub fall: u32,
+    pub passive_only: bool,
+}
+
+/// A place on one server, held for the life of a relayed connection.
+pub struct ServerSlot {
+    pool: Arc<Pool>,
+    index: usize,
+}
+
+impl Drop for ServerSlot {
+    fn drop(&mut self) {
+        self.pool.servers[self.index]
+            .active
+            .fetch_sub(1, Ordering::Relaxed);
+        crate::metrics::upstream_connections(-1.0);
+    }
+}
+
+impl ServerSlot {
+    pub(super) fn index(&self) -> usize {
+        self.index
+    }
+}
+
+impl Pool {
+    /// Servers start up, so that the first clients are served while the first checks run.
+    pub(super) fn new(servers: Vec<(String, Target)>, settings: PoolSettings) -> Pool {
+        let now = Instant::now();
+        let servers = servers
+            .into_iter()
+            .map(|(label, target)| {
+                let up_gauge = crate::metrics::upstream_server_gauge(&label);
+                up_gauge.set(1.0);
+                Server {
+                    target,
+                    active: AtomicUsize::new(0),
+                    health: Mutex::new(Health {
+                        up: true,
+                        successes: 0,
+                        failures: 0,
+                        retry_at: now,
+                    }),
+                    up_gauge,
+                }
+            })
+            .collect();
+        Pool {
+            servers,
+            balance: settings.balance,
+            max_per_server: settings.max_per_server,
+            rise: settings.rise,
+            fall: settings.fall,
+            passive_only: settings.passive_only,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    pub(super) fn any_up(&self) -> bool {
+        self.servers.iter().any(|s| self.is_up(s))
+    }
+
+    fn is_up(&self, server: &Server) -> bool {
+        server.health.lock().map(|h| h.up).unwrap_or(false)
+    }
+
+    /// Chooses a server other than `exclude`: by `balance` among those up with room, else
+    /// (passive mode) a down server whose retry time has come. Its slot is taken.
+    pub(super) fn pick(self: &Arc<Self>, exclude: Option<usize>) -> Option<ServerSlot> {
+        self.pick_at(exclude, Instant::now())
+    }
+
+    fn pick_at(self: &Arc<Self>, exclude: Option<usize>, now: Instant) -> Option<ServerSlot> {
+        let n = self.servers.len();
+        // A retry goes on from where its connection's first pick left the cursor, so that
+        // each connection advances round-robin by one whether or not it needed a retry.
+        let start = match exclude {
+            None => self.next.fetch_add(1, Ordering::Relaxed),
+            Some(_) => self.next.load(Ordering::Relaxed),
+        };
+        let order = (0..n)
+            .map(|k| (start + k) % n)
+            .filter(|&i| Some(i) != exclude);
+        let up: Vec<usize> = order
+            .clone()
+            .filter(|&i| self.is_up(&self.servers[i]))
+            .collect();
+        let chosen = match self.balance {
+            Balance::RoundRobin => up.iter().copied().find(|&i| self.has_room(i)),
+            Balance::LeastConn => up
+                .iter()
+                .copied()
+                .filter(|&i| self.has_room(i))
+                .min_by_key(|&i| self.servers[i].active.load(Ordering::Relaxed)),
+        };
+        let chosen = chosen.or_else(|| {
+            let mut candidates = order.filter(|&i| self.has_room(i));
+            candidates.find(|&i| self.passive_only && self.claim_retry(i, now))
+        })?;
+        self.servers[chosen].active.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::upstream_connections(1.0);
+        Some(ServerSlot {
+            pool: self.clone(),
+            index: chosen,
+        })
+    }
+
+    fn has_room(&self, i: usize) -> bool {
+        self.servers[i].active.load(Ordering::Relaxed) < self.max_per_server
+    }
+
+    /// True (once per [`PASSIVE_RETRY`]) when a down server may be tried by a real
+    /// connection.
+    fn claim_retry(&self, i: usize, now: Instant) -> bool {
+        let Ok(mut health) = self.servers[i].health.lock() else {
+            return false;
+        };
+        if health.up || now < health.retry_at {
+            return false;
+        }
+        health.retry_at = now + PASSIVE_RETRY;
+        true
+    }
+
+    /// Records the result of a check or a connect on server `i`; `rise` consecutive
+    /// successes mark it up, `fall` consecutive failures down.
+    pub(super) fn record(&self, i: usize, ok: bool) {
+        let server = &self.servers[i];
+        let Ok(mut health) = server.health.lock() else {
+            return;
+        };
+        let was_up = health.up;
+        if ok {
+            health.failures = 0;
+            if !health.up {
+                health.successes += 1;
+                if health.successes >= self.rise {
+                    health.up = true;
+                }
+            }
+        } else {
+            health.successes = 0;
+            if health.up {
+                health.failures += 1;
+                if health.failures >= self.fall {
+                    health.up = false;
+                    health.retry_at = Instant::now() + PASSIVE_RETRY;
+                }
+            }
+        }
+        if health.up != was_up {
+            server.up_gauge.set(if health.up { 1.0 } else { 0.0 });
+            tracing::warn!(server = ?server.target, up = health.up, "upstream server changed state");
+            health.failures = 0;
+            health.successes = 0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(n: usize, balance: Balance, passive_only: bool) -> Arc<Pool> {
+        let servers = (0..n)
+            .map(|i| {
+                let addr: SocketAddr = format!("127.0.0.1:{}", 7000 + i).parse().unwrap();
+                (addr.to_string(), Target::Tcp(addr))
+            })
+            .collect();
+        Arc::new(Pool::new(
+            servers,
+            PoolSettings {
+                balance,
+                max_per_server: 2,
+                rise: 2,
+                fall: 3,
+                passive_only,
+            },
+        ))
+    }
+
+    #[test]
+    fn round_robin_takes_each_server_in_turn() {
+        let p = pool(3, Balance::RoundRobin, false);
+        let picked: Vec<usize> = (0..6).map(|_| p.pick(None).unwrap().index()).collect();
+        assert_eq!(picked, [0, 1, 2, 0, 1, 2]);
+    }
+
+    #[test]
+    fn least_conn_prefers_the_emptiest_and_respects_the_cap() {
+        let p = pool(2, Balance::LeastConn, false);
+        let a = p.pick(None).unwrap();
+        let b = p.pick(None).unwrap();
+        assert_ne!(a.index(), b.index());
+        let c = p.pick(None).unwrap();
+        let d = p.pick(None).unwrap();
+        assert_ne!(c.index(), d.index());
+        assert!(
+            p.pick(None).is_none(),
+            "both servers at max_connections_per_server"
+        );
+        drop(a);
+        assert_eq!(p.pick(None).unwrap().index(), 0);
+    }
+
+    #[test]
+    fn fall_marks_down_rise_marks_up() {
+        let p = pool(2, Balance::RoundRobin, false);
+        p.record(0, false);
+        p.record(0, false);
+        assert!(p.is_up(&p.servers[0]));
+        p.record(0, false);
+        assert!(!p.is_up(&p.servers[0]));
+        for _ in 0..4 {
+            assert_eq!(p.pick(None).unwrap().index(), 1, "a down server is skipped");
+        }
+        assert!(p.pick(Some(1)).is_none(), "no retry on a down server");
+        p.record(0, true);
+        assert!(!p.is_up(&p.servers[0]));
+        p.record(0, true);
+        assert!(p.is_up(&p.servers[0]));
+        assert!(p.any_up());
+    }
+
+    #[test]
+    fn passive_mode_retries_a_down_server_once_per_period() {
+        let p = pool(1, Balance::RoundRobin, true);
+        for _ in 0..3 {
+            p.record(0, false);
+        }
+        assert!(!p.any_up());
+        assert!(p.pick(None).is_none(), "not before PASSIVE_RETRY");
+        let later = Instant::now() + PASSIVE_RETRY;
+        assert!(p.pick_at(None, later).is_some(), "one real attempt");
+        assert!(p.pick_at(None, later).is_none(), "only one per period");
+        let active = pool(1, Balance::RoundRobin, false);
+        for _ in 0..3 {
+            active.record(0, false);
+        }
+        assert!(
+            active.pick_at(None, later).is_none(),
+            "active checks bring it back"
+        );
+    }
+}

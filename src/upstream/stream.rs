@@ -1,0 +1,217 @@
+//! stream mode (SPEC section 6): after authentication the bytes are relayed as they are,
+//! both ways, through two fixed buffers. Each side's EOF is passed on (close_notify to the
+//! client, a write shutdown to the upstream) once what it sent was delivered, and the other
+//! direction goes on until it ends too. The connection is idle, and closed, when no byte
+//! has moved either way for `idle_timeout`.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::relay::Link;
+use crate::error::{CloseReason, UpstreamError};
+use crate::metrics::{self, UpstreamDirection};
+
+/// Each direction's buffer: what one connection holds, at most, in flight each way.
+const BUFFER: usize = 16 * 1024;
+
+/// Why relaying stops early.
+pub struct Stops<'a> {
+    pub idle_timeout: Duration,
+    /// `drain_timeout` is over (SIGTERM leaves relayed connections until then).
+    pub force: &'a CancellationToken,
+    pub banned: &'a CancellationToken,
+}
+
+/// Relays `client` and the link's upstream until both directions have ended. `pending`
+/// are client bytes read past the `AUTH` line: they go first, after the PROXY header.
+pub async fn relay<C>(client: &mut C, link: Link, pending: Bytes, stops: Stops<'_>) -> CloseReason
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let (upstream, queued, _slot) = link.into_parts();
+    let state = Arc::new(State::default());
+    let mut upstream = Watched {
+        inner: upstream,
+        side: Side::Upstream,
+        state: state.clone(),
+    };
+    let start = async {
+        upstream.write_all(&queued).await?;
+        upstream.write_all(&pending).await
+    };
+    if let Err(e) = start.await {
+        return upstream_failed(&e);
+    }
+    let mut client = Watched {
+        inner: client,
+        side: Side::Client,
+        state: state.clone(),
+    };
+    let copy = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, BUFFER, BUFFER);
+    tokio::pin!(copy);
+    let idle = tokio::time::sleep(stops.idle_timeout);
+    tokio::pin!(idle);
+    loop {
+        tokio::select! {
+            result = &mut copy => return finished(result, &state),
+            _ = stops.force.cancelled() => return CloseReason::Shutdown,
+            _ = stops.banned.cancelled() => return CloseReason::Banned,
+            _ = &mut idle => {
+                let last = state.last_activity();
+                if last.elapsed() >= stops.idle_timeout {
+                    return CloseReason::IdleTimeout;
+                }
+                let next = crate::deadline::after(last.into_std(), stops.idle_timeout);
+                idle.as_mut().reset(Instant::from_std(next));
+            }
+        }
+    }
+}
+
+/// The close reason once both directions ended or one failed.
+fn finished(result: io::Result<(u64, u64)>, state: &State) -> CloseReason {
+    match result {
+        Ok(_) if state.first_eof() == Some(Side::Upstream) => CloseReason::UpstreamClosed,
+        Ok(_) => CloseReason::ClientClose,
+        Err(e) if state.failed() == Some(Side::Upstream) => upstream_failed(&e),
+        Err(_) => CloseReason::IoError,
+    }
+}
+
+fn upstream_failed(e: &io::Error) -> CloseReason {
+    tracing::debug!(error = %e, "upstream failed mid-stream");
+    metrics::upstream_error(UpstreamError::Reset);
+    CloseReason::UpstreamError
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Client = 1,
+    Upstream = 2,
+}
+
+/// What the two sides did, shared by their wrappers.
+struct State {
+    started: Instant,
+    /// Milliseconds since `started` of the last byte moved either way.
+    last_ms: std::sync::atomic::AtomicU64,
+    first_eof: AtomicU8,
+    failed: AtomicU8,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        State {
+            started: Instant::now(),
+            last_ms: 0.into(),
+            first_eof: AtomicU8::new(0),
+            failed: AtomicU8::new(0),
+        }
+    }
+}
+
+impl State {
+    fn touch(&self) {
+        let ms = self.started.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn last_activity(&self) -> Instant {
+        self.started + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+
+    fn side(value: u8) -> Option<Side> {
+        match value {
+            1 => Some(Side::Client),
+            2 => Some(Side::Upstream),
+            _ => None,
+        }
+    }
+
+    fn first_eof(&self) -> Option<Side> {
+        Self::side(self.first_eof.load(Ordering::Relaxed))
+    }
+
+    fn failed(&self) -> Option<Side> {
+        Self::side(self.failed.load(Ordering::Relaxed))
+    }
+
+    fn mark(slot: &AtomicU8, side: Side) {
+        let _ = slot.compare_exchange(0, side as u8, Ordering::Relaxed, Ordering::Relaxed);
+    }
+}
+
+/// One side of the relay, noting activity, EOF and failure, and counting the bytes read.
+struct Watched<S> {
+    inner: S,
+    side: Side,
+    state: Arc<State>,
+}
+
+impl<S> Watched<S> {
+    fn note<T>(&self, poll: &Poll<io::Result<T>>) {
+        if let Poll::Ready(Err(_)) = poll {
+            State::mark(&self.state.failed, self.side);
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.note(&poll);
+        if let Poll::Ready(Ok(())) = poll {
+            let n = buf.filled().len() - before;
+            if n == 0 {
+                State::mark(&self.state.first_eof, self.side);
+            } else {
+                self.state.touch();
+                let direction = match self.side {
+                    Side::Client => UpstreamDirection::ToUpstream,
+                    Side::Upstream => UpstreamDirection::FromUpstream,
+                };
+                metrics::upstream_traffic(direction, 1, n as u64);
+            }
+        }
+        poll
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.note(&poll);
+        if let Poll::Ready(Ok(_)) = poll {
+            self.state.touch();
+        }
+        poll
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let poll = Pin::new(&mut self.inner).poll_flush(cx);
+        self.note(&poll);
+        poll
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
