@@ -77,26 +77,49 @@ pub fn token_digest_hex(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
 
+/// A client certificate whose identity holds a control character (`\n`, `\r`, ESC, ...) or
+/// a Unicode line separator: used as is, it would inject lines into text replies and logs.
+/// Such a certificate does not authenticate; its connection is closed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("client certificate identity holds control characters")]
+pub struct UnsafeIdentity;
+
 /// The identity of a verified client certificate: its first DNS SAN, else its subject CN.
-/// `None` when it has neither (such a certificate does not authenticate).
-pub fn certificate_identity(cert: &CertificateDer<'_>) -> Option<String> {
-    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
-    if let Ok(Some(san)) = parsed.subject_alternative_name() {
-        let dns = san.value.general_names.iter().find_map(|name| match name {
-            x509_parser::extensions::GeneralName::DNSName(dns) => Some(dns.to_string()),
-            _ => None,
+/// `Ok(None)` when it has neither (such a certificate does not authenticate), an error when
+/// the identity is not safe to print.
+pub fn certificate_identity(cert: &CertificateDer<'_>) -> Result<Option<String>, UnsafeIdentity> {
+    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert.as_ref()) else {
+        return Ok(None);
+    };
+    let dns = parsed
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .and_then(|san| {
+            san.value.general_names.iter().find_map(|name| match name {
+                x509_parser::extensions::GeneralName::DNSName(dns) => Some(dns.to_string()),
+                _ => None,
+            })
         });
-        if dns.is_some() {
-            return dns;
-        }
+    let identity = dns.or_else(|| {
+        parsed
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .map(str::to_string)
+    });
+    match identity {
+        Some(identity) if !is_printable(&identity) => Err(UnsafeIdentity),
+        identity => Ok(identity),
     }
-    let cn = parsed
-        .subject()
-        .iter_common_name()
-        .next()
-        .and_then(|cn| cn.as_str().ok())
-        .map(str::to_string);
-    cn
+}
+
+/// True when `text` holds no control character and no Unicode line or paragraph separator.
+fn is_printable(text: &str) -> bool {
+    !text
+        .chars()
+        .any(|c| c.is_control() || matches!(c, '\u{2028}' | '\u{2029}'))
 }
 
 #[cfg(test)]
@@ -131,7 +154,7 @@ mod tests {
             .push(rcgen::DnType::CommonName, "cn-name");
         let cert = params.self_signed(&key).unwrap();
         assert_eq!(
-            certificate_identity(cert.der()).as_deref(),
+            certificate_identity(cert.der()).unwrap().as_deref(),
             Some("svc.example")
         );
 
@@ -140,6 +163,47 @@ mod tests {
             .distinguished_name
             .push(rcgen::DnType::CommonName, "cn-only");
         let cert = params.self_signed(&key).unwrap();
-        assert_eq!(certificate_identity(cert.der()).as_deref(), Some("cn-only"));
+        assert_eq!(
+            certificate_identity(cert.der()).unwrap().as_deref(),
+            Some("cn-only")
+        );
+    }
+
+    #[test]
+    fn identities_with_control_characters_are_refused() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["evil\nOK identity=admin".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        assert_eq!(certificate_identity(cert.der()), Err(UnsafeIdentity));
+        for cn in [
+            "evil\r",
+            "bell\u{7}",
+            "esc\u{1b}[31m",
+            "c1\u{85}",
+            "ls\u{2028}",
+        ] {
+            let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.distinguished_name.push(
+                rcgen::DnType::CommonName,
+                rcgen::DnValue::Utf8String(cn.into()),
+            );
+            let cert = params.self_signed(&key).unwrap();
+            assert_eq!(
+                certificate_identity(cert.der()),
+                Err(UnsafeIdentity),
+                "{cn:?}"
+            );
+        }
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "Jane Doe (ops) é");
+        let cert = params.self_signed(&key).unwrap();
+        assert_eq!(
+            certificate_identity(cert.der()).unwrap().as_deref(),
+            Some("Jane Doe (ops) é")
+        );
     }
 }

@@ -80,17 +80,36 @@ pub async fn handshake(
     metrics::handshake(HandshakeResult::Ok, version_label(conn), started.elapsed());
     let principal = match gateway.config.auth.mode {
         AuthMode::Token => None,
-        _ => conn
-            .peer_certificates()
-            .and_then(|chain| chain.first())
-            .and_then(certificate_identity)
-            .map(|identity| {
-                metrics::auth(AuthMethod::Mtls, true);
-                Principal {
-                    identity,
-                    method: AuthMethod::Mtls,
-                }
-            }),
+        _ => mtls_principal(conn, ip)?,
     };
     Ok((tls, principal))
+}
+
+/// The principal of a verified client certificate, if the connection presented one. An
+/// identity with control characters would inject lines into replies and logs: the
+/// connection is closed and counted instead (`auth_total{method="mtls",result="failed"}`,
+/// a `handshake_failed` security event).
+fn mtls_principal(conn: &ServerConnection, ip: IpAddr) -> Result<Option<Principal>, CloseReason> {
+    let Some(cert) = conn.peer_certificates().and_then(|chain| chain.first()) else {
+        return Ok(None);
+    };
+    match certificate_identity(cert) {
+        Ok(identity) => Ok(identity.map(|identity| {
+            metrics::auth(AuthMethod::Mtls, true);
+            Principal {
+                identity,
+                method: AuthMethod::Mtls,
+            }
+        })),
+        Err(unsafe_identity) => {
+            metrics::auth(AuthMethod::Mtls, false);
+            metrics::security_event(
+                SecurityEvent::HandshakeFailed,
+                ip,
+                "client certificate identity holds control characters",
+            );
+            tracing::debug!(%ip, error = %unsafe_identity, "client certificate refused");
+            Err(CloseReason::HandshakeFailed)
+        }
+    }
 }
