@@ -50,7 +50,8 @@ enum Command {
     CheckConfig,
     /// Exit 0 when the admin /healthz answers 200 (for Docker's HEALTHCHECK).
     Healthcheck {
-        /// Default: the configured admin address, else http://127.0.0.1:9464/healthz.
+        /// Default: /healthz on admin.listen, from the configuration file (if any), the
+        /// environment (PORTCULLIS_ADMIN_LISTEN) and --admin-listen.
         #[arg(long)]
         url: Option<String>,
     },
@@ -181,18 +182,7 @@ fn check_config(path: Option<PathBuf>, flags: &FlagOverrides) -> anyhow::Result<
 const HEALTHCHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 
 fn healthcheck(url: Option<String>, config: Option<PathBuf>, flags: &FlagOverrides) -> ExitCode {
-    let url = url.unwrap_or_else(|| {
-        let admin = config_path(config)
-            .and_then(|path| Config::load(Some(&path), std::env::vars(), flags).ok())
-            .map(|c| c.admin.listen);
-        match admin {
-            Some(addr) if addr.ip().is_unspecified() => {
-                format!("http://127.0.0.1:{}/healthz", addr.port())
-            }
-            Some(addr) => format!("http://{addr}/healthz"),
-            None => "http://127.0.0.1:9464/healthz".to_string(),
-        }
-    });
+    let url = url.unwrap_or_else(|| healthz_url(config, flags));
     match http_status(&url) {
         Ok(200) => ExitCode::SUCCESS,
         Ok(status) => {
@@ -203,6 +193,24 @@ fn healthcheck(url: Option<String>, config: Option<PathBuf>, flags: &FlagOverrid
             eprintln!("healthcheck: {url}: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The admin `/healthz` URL as `serve` would listen: the configuration file if there is
+/// one, then the `PORTCULLIS_*` variables (`PORTCULLIS_ADMIN_LISTEN` in a container) and the
+/// flags. An unspecified address (`0.0.0.0`, `[::]`) is probed on loopback.
+fn healthz_url(config: Option<PathBuf>, flags: &FlagOverrides) -> String {
+    let admin = match Config::load(config_path(config).as_deref(), std::env::vars(), flags) {
+        Ok(config) => config.admin.listen,
+        Err(e) => {
+            eprintln!("healthcheck: configuration not loaded ({e}); probing the default address");
+            portcullis::config::AdminSection::default().listen
+        }
+    };
+    if admin.ip().is_unspecified() {
+        format!("http://127.0.0.1:{}/healthz", admin.port())
+    } else {
+        format!("http://{admin}/healthz")
     }
 }
 

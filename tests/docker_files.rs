@@ -307,15 +307,23 @@ fn dockerfile_runtime_is_non_root_with_healthcheck_and_ports() {
         .find(|i| i.keyword == "HEALTHCHECK")
         .expect("the runtime stage has a HEALTHCHECK");
     let cmd = health.args.split_once("CMD").expect("HEALTHCHECK CMD").1;
+    // No hard-coded URL: `portcullis healthcheck` reads admin.listen from the config in
+    // its working directory and PORTCULLIS_ADMIN_LISTEN, so moving the port keeps the
+    // container healthy (tests/process.rs runs it that way).
     let argv = exec_form(cmd);
-    assert_eq!(argv[0], "/usr/local/bin/portcullis");
-    assert_eq!(argv[1], "healthcheck");
-    let url = argv
+    assert_eq!(argv, ["/usr/local/bin/portcullis", "healthcheck"]);
+    let workdir = runtime
         .iter()
-        .position(|a| a == "--url")
-        .map(|at| argv[at + 1].clone())
-        .expect("healthcheck --url");
-    assert_eq!(url, format!("http://127.0.0.1:{}/healthz", admin_port()));
+        .rev()
+        .find(|i| i.keyword == "WORKDIR")
+        .expect("the runtime stage sets WORKDIR");
+    let config = config_path_in_cmd();
+    assert_eq!(
+        Path::new(&workdir.args),
+        Path::new(&config).parent().unwrap(),
+        "the healthcheck finds the config as ./portcullis.toml"
+    );
+    assert!(config.ends_with("/portcullis.toml"));
 
     let entrypoint = runtime
         .iter()
@@ -570,4 +578,164 @@ fn compose_variables_cannot_be_taken_for_configuration_overrides() {
             "compose variable {name} shares the configuration prefix"
         );
     }
+}
+
+/// The value of a list key such as `trusted = ["a", "b"]` in `[section]` of
+/// docker/portcullis.toml.
+fn toml_list(section: &str, key: &str) -> Vec<String> {
+    toml_string(section, key)
+        .trim_start_matches(['[', '"'])
+        .trim_end_matches([']', '"'])
+        .split(',')
+        .map(|v| v.trim().trim_matches('"').to_string())
+        .collect()
+}
+
+/// The replicas believe PROXY headers from HAProxy's pinned address only, and that address
+/// lies in the compose network's pinned subnet.
+#[test]
+fn replicas_trust_only_the_balancer_for_proxy_headers() {
+    let text = read(&docker_dir().join("compose.yaml"));
+    let subnet: ipnet::Ipv4Net = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("- subnet:"))
+        .expect("compose pins the network's subnet")
+        .trim()
+        .parse()
+        .unwrap();
+    let services = compose_services();
+    let haproxy: std::net::Ipv4Addr = value(&services["haproxy"], "ipv4_address")
+        .expect("compose pins HAProxy's address")
+        .parse()
+        .unwrap();
+    assert!(subnet.contains(&haproxy), "{haproxy} in {subnet}");
+    let trusted = toml_list("proxy_protocol", "trusted");
+    assert_eq!(trusted, [format!("{haproxy}/32")]);
+}
+
+/// A replica gets the server certificate, its key and the client CA, nothing more: the CA
+/// key and the client key stay on the host.
+#[test]
+fn replicas_mount_only_what_they_need() {
+    let services = compose_services();
+    let config = config_path_in_cmd();
+    let certs_target = format!("{}/certs", Path::new(&config).parent().unwrap().display());
+    let mut volumes = Vec::new();
+    for (name, lines) in replicas(&services) {
+        let m = mounts(lines);
+        for (source, target) in &m {
+            assert!(
+                !source.contains("certs") || !source.starts_with('.'),
+                "{name} mounts a host folder of certificates: {source}:{target}"
+            );
+        }
+        let (volume, _) = m
+            .iter()
+            .find(|(_, target)| *target == certs_target)
+            .expect("the replica mounts its certificates");
+        volumes.push(volume.clone());
+    }
+    volumes.dedup();
+    assert_eq!(volumes.len(), 1, "{volumes:?}");
+    let filler = &services[&volumes[0]];
+    let mut copied: Vec<String> = mounts(filler)
+        .into_iter()
+        .filter(|(source, _)| source.starts_with("../certs/"))
+        .map(|(source, _)| source.trim_start_matches("../certs/").to_string())
+        .collect();
+    copied.sort();
+    assert_eq!(copied, ["ca.pem", "server.key", "server.pem"]);
+    for (file, key) in [
+        ("ca.pem", "client_ca"),
+        ("server.key", "key"),
+        ("server.pem", "cert"),
+    ] {
+        assert_eq!(toml_string("tls", key), format!("certs/{file}"));
+    }
+}
+
+/// The Docker path as written (issue 11): `certs generate` as the operator (keys 0600,
+/// theirs), then compose's replica-certs step, then a replica running as the image's user
+/// 65532 loads the key. The step's shell command is run here natively, on the same files,
+/// with its /in and /out folders mapped to temporary ones. Runs as root, as CI does (.ci/run
+/// installs packages with apt-get): only root can hand files to another user.
+#[test]
+fn compose_certificate_step_lets_the_image_user_read_the_key() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    const IMAGE_USER: u32 = 65532;
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let host_certs = tmp.path().join("certs");
+    let etc = tmp.path().join("etc");
+    let volume = etc.join("certs");
+    std::fs::create_dir_all(&volume).unwrap();
+    let bin = env!("CARGO_BIN_EXE_portcullis");
+    let out = Command::new(bin)
+        .args(["certs", "generate", "--out"])
+        .arg(&host_certs)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "certs generate: {}", show(&out));
+    std::fs::copy(
+        docker_dir().join("portcullis.toml"),
+        etc.join("portcullis.toml"),
+    )
+    .unwrap();
+
+    let as_image_user = |args: &[&str], certs: &Path| {
+        std::fs::set_permissions(&etc, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mut cmd = Command::new(bin);
+        cmd.args(args)
+            .arg(etc.join("portcullis.toml"))
+            .env("PORTCULLIS_TLS_CERT", certs.join("server.pem"))
+            .env("PORTCULLIS_TLS_KEY", certs.join("server.key"))
+            .env("PORTCULLIS_TLS_CLIENT_CA", certs.join("ca.pem"));
+        // SAFETY: setgid/setuid are async-signal-safe and change only the child.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setgid(IMAGE_USER) != 0 || libc::setuid(IMAGE_USER) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        cmd.output()
+            .expect("run as the image user (the test runs as root)")
+    };
+    // The finding: the image's user cannot read the generated key as it is.
+    std::fs::set_permissions(&host_certs, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = as_image_user(&["check-config", "--config"], &host_certs);
+    assert!(
+        !out.status.success() && show(&out).contains("Permission denied"),
+        "the host's 0600 key is unreadable to uid 65532: {}",
+        show(&out)
+    );
+
+    // compose's step, with /in/ and /out/ mapped onto the temporary folders.
+    let services = compose_services();
+    let step = value(&services["replica-certs"], "command").expect("replica-certs command");
+    let argv = exec_form(&step);
+    assert_eq!(argv[..2], ["sh", "-c"]);
+    let script = argv[2]
+        .replace("/in/", &format!("{}/", host_certs.display()))
+        .replace("/out/", &format!("{}/", volume.display()));
+    let out = Command::new("sh")
+        .args(["-c", &script])
+        .env_remove("REPLICA_UID")
+        .env_remove("REPLICA_GID")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{script}: {}", show(&out));
+    let names: Vec<_> = std::fs::read_dir(&volume)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names.len(), 3, "only what a replica needs: {names:?}");
+    let out = as_image_user(&["check-config", "--config"], &volume);
+    assert!(
+        out.status.success(),
+        "the image user loads the copied key: {}",
+        show(&out)
+    );
 }

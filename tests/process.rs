@@ -345,3 +345,61 @@ async fn shutdown_delay_keeps_serving_new_connections_with_readyz_503() {
         .unwrap();
     assert!(status.success());
 }
+
+/// As the image's HEALTHCHECK runs it: `portcullis healthcheck` with no `--url` finds the
+/// admin listener from `PORTCULLIS_ADMIN_LISTEN`, with no configuration file at all, and
+/// from `./portcullis.toml` in its working directory (the image's WORKDIR).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthcheck_without_url_follows_the_environment_and_the_config() {
+    let certs = TestCerts::new();
+    let gateway = Process::gateway(&certs, "");
+    let admin = gateway.admin.to_string();
+    let healthcheck = move |dir: std::path::PathBuf, env: Vec<(&'static str, String)>| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"));
+        cmd.arg("healthcheck").current_dir(dir).envs(env);
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("PORTCULLIS_") {
+                cmd.env_remove(key);
+            }
+        }
+        cmd.output().unwrap()
+    };
+    let empty = tempfile::tempdir().unwrap();
+    let run = |dir: &std::path::Path, env: Vec<(&'static str, String)>| {
+        let dir = dir.to_path_buf();
+        tokio::task::spawn_blocking(move || healthcheck(dir, env))
+    };
+    let out = run(
+        empty.path(),
+        vec![("PORTCULLIS_ADMIN_LISTEN", admin.clone())],
+    )
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "no config file, PORTCULLIS_ADMIN_LISTEN={admin}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let workdir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        workdir.path().join("portcullis.toml"),
+        format!("[admin]\nlisten = \"{admin}\"\n"),
+    )
+    .unwrap();
+    let out = run(workdir.path(), Vec::new()).await.unwrap();
+    assert!(
+        out.status.success(),
+        "./portcullis.toml with admin.listen = {admin}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // And it fails when the variable points where nothing answers.
+    let out = run(
+        empty.path(),
+        vec![("PORTCULLIS_ADMIN_LISTEN", "127.0.0.1:1".to_string())],
+    )
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+}
