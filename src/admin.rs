@@ -58,8 +58,9 @@ pub async fn serve(
     metrics: PrometheusHandle,
     stop: CancellationToken,
 ) {
-    let limits = Limits::from(&gateway.config.admin);
-    let slots = Arc::new(Slots::new(gateway.config.admin.max_connections));
+    let config = gateway.config();
+    let limits = Limits::from(&config.admin);
+    let slots = Arc::new(Slots::new(config.admin.max_connections));
     let router = router(AdminState { gateway, metrics });
     let mut connections = JoinSet::new();
     loop {

@@ -7,7 +7,13 @@
 //! and each costs a few map lookups: a refused peer costs an accept and a close.
 //!
 //! [`Admission::admit_client`] is the one place a client address is admitted; it can be
-//! called with the address a trusted PROXY header carries.
+//! called with the address a trusted PROXY header carries. [`Admission::still_admitted`]
+//! asks the same of an open connection after a reload changed the rules.
+//!
+//! The limits and lists are swapped whole by a reload ([`Admission::reconfigure`]) while the
+//! per-key state (open connections, bans, failures) stays: a reload never lets a banned key
+//! in or forgets who holds a connection. Only a changed connection rate starts every key's
+//! bucket afresh (governor cannot change the quota of a live limiter).
 //!
 //! # State and its cost
 //!
@@ -23,9 +29,10 @@ use std::collections::VecDeque;
 use std::net::{IpAddr, Ipv6Addr};
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use dashmap::DashMap;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use ipnet::IpNet;
@@ -87,35 +94,82 @@ struct KeyEntry {
     banned: CancellationToken,
 }
 
-/// Global admission state shared by every connection.
-pub struct Admission {
+/// The limits and lists a reload may change, swapped whole.
+struct Rules {
     allow: Vec<IpNet>,
     deny: Vec<IpNet>,
     ipv6_prefix: u8,
-    /// `max_connections`: a permit is held for a connection's whole life.
-    connections: Arc<Semaphore>,
-    /// Connections currently held, exact across every exit path (the guard's `Drop`).
-    active: Arc<AtomicUsize>,
-    /// `max_handshakes_in_flight`: a permit is held for the handshake only.
-    handshakes: Arc<Semaphore>,
-    /// New connections per second per key (GCRA, governor).
-    rate: DefaultKeyedRateLimiter<IpAddr>,
-    /// Open connections per key; an entry lives while its key has a connection.
-    per_key: Arc<DashMap<IpAddr, KeyEntry>>,
+    /// `max_connections`, checked against the exact count of held connections.
+    max_connections: usize,
     max_per_key: usize,
-    /// Ban expiry per key.
-    bans: DashMap<IpAddr, Instant>,
-    /// Recent authentication failures per key; an entry lives while it holds one.
-    failures: DashMap<IpAddr, FailureLog>,
     max_failures: u32,
     failure_window: Duration,
     ban_duration: Duration,
 }
 
+impl Rules {
+    fn new(config: &Config) -> Self {
+        let l = &config.limits;
+        let a = &config.auth;
+        Rules {
+            allow: config.access.allow.clone(),
+            deny: config.access.deny.clone(),
+            ipv6_prefix: l.ipv6_prefix,
+            max_connections: l.max_connections,
+            max_per_key: l.max_connections_per_ip,
+            max_failures: a.max_failures,
+            failure_window: a.failure_window,
+            ban_duration: a.ban_duration,
+        }
+    }
+
+    /// The access lists' verdict on a client address.
+    fn denies(&self, ip: IpAddr) -> bool {
+        self.deny.iter().any(|net| net.contains(&ip))
+            || (!self.allow.is_empty() && !self.allow.iter().any(|net| net.contains(&ip)))
+    }
+}
+
+/// The per-key connection-rate limiter and the quota it was built with.
+struct RateLimit {
+    quota: Quota,
+    limiter: DefaultKeyedRateLimiter<IpAddr>,
+}
+
+impl RateLimit {
+    fn new(config: &Config) -> Self {
+        let l = &config.limits;
+        let quota = per_second(l.connection_rate_per_ip, l.connection_burst_per_ip);
+        RateLimit {
+            quota,
+            limiter: RateLimiter::keyed(quota),
+        }
+    }
+}
+
+/// Global admission state shared by every connection.
+pub struct Admission {
+    rules: ArcSwap<Rules>,
+    /// Connections currently held, exact across every exit path (the guard's `Drop`); the
+    /// global cap is checked against it.
+    active: Arc<AtomicUsize>,
+    /// `max_handshakes_in_flight`: a permit is held for the handshake only.
+    handshakes: Arc<Semaphore>,
+    /// The number of permits `handshakes` is meant to hold, for resizing it on reload.
+    handshake_slots: Mutex<usize>,
+    /// New connections per second per key (GCRA, governor).
+    rate: ArcSwap<RateLimit>,
+    /// Open connections per key; an entry lives while its key has a connection.
+    per_key: Arc<DashMap<IpAddr, KeyEntry>>,
+    /// Ban expiry per key.
+    bans: DashMap<IpAddr, Instant>,
+    /// Recent authentication failures per key; an entry lives while it holds one.
+    failures: DashMap<IpAddr, FailureLog>,
+}
+
 /// Held by a connection for its whole life; gives its global place back on drop (every exit
 /// path, panics included).
 pub struct ConnectionGuard {
-    _permit: OwnedSemaphorePermit,
     active: Arc<AtomicUsize>,
 }
 
@@ -152,40 +206,66 @@ pub fn per_second(rate: u32, burst: u32) -> Quota {
 
 impl Admission {
     pub fn new(config: &Config) -> Self {
-        let l = &config.limits;
-        let a = &config.auth;
+        let slots = config.limits.max_handshakes_in_flight;
         Admission {
-            allow: config.access.allow.clone(),
-            deny: config.access.deny.clone(),
-            ipv6_prefix: l.ipv6_prefix,
-            connections: Arc::new(Semaphore::new(l.max_connections)),
+            rules: ArcSwap::from_pointee(Rules::new(config)),
             active: Arc::new(AtomicUsize::new(0)),
-            handshakes: Arc::new(Semaphore::new(l.max_handshakes_in_flight)),
-            rate: RateLimiter::keyed(per_second(
-                l.connection_rate_per_ip,
-                l.connection_burst_per_ip,
-            )),
+            handshakes: Arc::new(Semaphore::new(slots)),
+            handshake_slots: Mutex::new(slots),
+            rate: ArcSwap::from_pointee(RateLimit::new(config)),
             per_key: Arc::new(DashMap::new()),
-            max_per_key: l.max_connections_per_ip,
             bans: DashMap::new(),
             failures: DashMap::new(),
-            max_failures: a.max_failures,
-            failure_window: a.failure_window,
-            ban_duration: a.ban_duration,
         }
+    }
+
+    /// Applies a reloaded configuration's limits and lists to new admissions, keeping every
+    /// key's state. Open connections are checked again by [`Admission::still_admitted`].
+    pub fn reconfigure(&self, config: &Config) {
+        self.rules.store(Arc::new(Rules::new(config)));
+        let fresh = RateLimit::new(config);
+        if fresh.quota != self.rate.load().quota {
+            self.rate.store(Arc::new(fresh));
+        }
+        self.resize_handshakes(config.limits.max_handshakes_in_flight);
+    }
+
+    /// Gives `handshakes` `slots` permits: added at once, or taken away as handshakes in
+    /// flight finish (a background task waits for the permits that are held right now).
+    fn resize_handshakes(&self, slots: usize) {
+        let Ok(mut current) = self.handshake_slots.lock() else {
+            return;
+        };
+        if slots > *current {
+            self.handshakes.add_permits(slots - *current);
+        } else if slots < *current {
+            let excess = *current - slots;
+            let pending = excess - self.handshakes.forget_permits(excess);
+            if pending > 0 {
+                let handshakes = self.handshakes.clone();
+                let pending = u32::try_from(pending).unwrap_or(u32::MAX);
+                tokio::spawn(async move {
+                    if let Ok(permits) = handshakes.acquire_many_owned(pending).await {
+                        permits.forget();
+                    }
+                });
+            }
+        }
+        *current = slots;
     }
 
     /// The global cap, checked first, right after accept.
     pub fn admit_connection(&self) -> Result<ConnectionGuard, RejectReason> {
-        let permit = self
-            .connections
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| RejectReason::MaxConnections)?;
-        let now = self.active.fetch_add(1, Ordering::Relaxed) + 1;
+        let max = self.rules.load().max_connections;
+        let now = self
+            .active
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .map_err(|_| RejectReason::MaxConnections)?
+            + 1;
         crate::metrics::connections_active(now);
         Ok(ConnectionGuard {
-            _permit: permit,
             active: self.active.clone(),
         })
     }
@@ -193,23 +273,22 @@ impl Admission {
     /// Access lists, ban list, per-key rate and per-key concurrency, in that order, for the
     /// client address `ip` (already normalised).
     pub fn admit_client(&self, ip: IpAddr) -> Result<ClientGuard, RejectReason> {
-        if self.deny.iter().any(|net| net.contains(&ip))
-            || (!self.allow.is_empty() && !self.allow.iter().any(|net| net.contains(&ip)))
-        {
+        let rules = self.rules.load();
+        if rules.denies(ip) {
             return Err(RejectReason::Denied);
         }
-        let key = client_key(ip, self.ipv6_prefix);
+        let key = client_key(ip, rules.ipv6_prefix);
         if self.is_banned(key) {
             return Err(RejectReason::Banned);
         }
-        if self.rate.check_key(&key).is_err() {
+        if self.rate.load().limiter.check_key(&key).is_err() {
             return Err(RejectReason::RateLimited);
         }
         let mut entry = self.per_key.entry(key).or_insert_with(|| KeyEntry {
             connections: 0,
             banned: CancellationToken::new(),
         });
-        if entry.connections >= self.max_per_key {
+        if entry.connections >= rules.max_per_key {
             return Err(RejectReason::PerIpCap);
         }
         if entry.banned.is_cancelled() {
@@ -222,6 +301,19 @@ impl Admission {
             per_key: self.per_key.clone(),
             banned: entry.banned.clone(),
         })
+    }
+
+    /// Whether an open connection from `ip` would still be admitted by the access lists and
+    /// bans in force (the per-key rate and caps only bind new connections).
+    pub fn still_admitted(&self, ip: IpAddr) -> Result<(), RejectReason> {
+        let rules = self.rules.load();
+        if rules.denies(ip) {
+            return Err(RejectReason::Denied);
+        }
+        if self.is_banned(client_key(ip, rules.ipv6_prefix)) {
+            return Err(RejectReason::Banned);
+        }
+        Ok(())
     }
 
     /// A place among `max_handshakes_in_flight`, held until the handshake ends.
@@ -248,23 +340,24 @@ impl Admission {
     /// `failure_window` (a sliding window, not fixed slots) bans the key for `ban_duration` and closes its open connections;
     /// returns true when this failure caused the ban.
     pub fn record_auth_failure(&self, ip: IpAddr) -> bool {
-        let key = client_key(ip, self.ipv6_prefix);
+        let rules = self.rules.load();
+        let key = client_key(ip, rules.ipv6_prefix);
         let now = Instant::now();
         let exceeded = {
             let mut log = self
                 .failures
                 .entry(key)
                 .or_insert_with(|| FailureLog(VecDeque::new()));
-            log.expire(now, self.failure_window);
+            log.expire(now, rules.failure_window);
             log.0.push_back(now);
-            log.0.len() > self.max_failures as usize
+            log.0.len() > rules.max_failures as usize
         };
         if !exceeded {
             return false;
         }
         self.failures.remove(&key);
         self.bans
-            .insert(key, crate::deadline::after(now, self.ban_duration));
+            .insert(key, crate::deadline::after(now, rules.ban_duration));
         if let Some(entry) = self.per_key.get(&key) {
             entry.banned.cancel();
         }
@@ -275,11 +368,12 @@ impl Admission {
     /// failure windows; gives the maps' spare capacity back.
     pub fn prune(&self) {
         let now = Instant::now();
-        self.rate.retain_recent();
-        self.rate.shrink_to_fit();
+        let rate = self.rate.load();
+        rate.limiter.retain_recent();
+        rate.limiter.shrink_to_fit();
         self.bans.retain(|_, expiry| *expiry > now);
         self.bans.shrink_to_fit();
-        let window = self.failure_window;
+        let window = self.rules.load().failure_window;
         self.failures.retain(|_, log| {
             log.expire(now, window);
             !log.0.is_empty()
@@ -288,21 +382,9 @@ impl Admission {
         self.per_key.shrink_to_fit();
     }
 
-    /// Runs [`Admission::prune`] every `interval` until `stop` is cancelled.
-    pub async fn prune_every(&self, interval: Duration, stop: CancellationToken) {
-        let mut tick = tokio::time::interval(interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => self.prune(),
-                _ = stop.cancelled() => return,
-            }
-        }
-    }
-
     pub fn keys(&self) -> LimiterKeys {
         LimiterKeys {
-            connection_rate: self.rate.len(),
+            connection_rate: self.rate.load().limiter.len(),
             concurrency: self.per_key.len(),
             auth_failures: self.failures.len(),
             bans: self.bans.len(),
@@ -487,6 +569,58 @@ mod tests {
         std::thread::sleep(Duration::from_millis(40));
         adm.prune();
         assert_eq!(adm.keys().auth_failures, 0);
+    }
+
+    #[test]
+    fn reconfigure_changes_limits_and_keeps_per_key_state() {
+        let adm = admission(|c| c.limits.max_connections_per_ip = 2);
+        let held = adm.admit_client(ip("192.0.2.1")).unwrap();
+        let mut config = Config::default();
+        config.limits.max_connections_per_ip = 1;
+        config.limits.max_connections = 1;
+        config.access.deny = vec!["192.0.2.7/32".parse().unwrap()];
+        adm.reconfigure(&config);
+        assert_eq!(
+            adm.admit_client(ip("192.0.2.1")).err(),
+            Some(RejectReason::PerIpCap),
+            "the open connection still counts under the new cap"
+        );
+        assert_eq!(
+            adm.still_admitted(ip("192.0.2.7")),
+            Err(RejectReason::Denied)
+        );
+        assert_eq!(adm.still_admitted(ip("192.0.2.1")), Ok(()));
+        let one = adm.admit_connection().unwrap();
+        assert_eq!(
+            adm.admit_connection().err(),
+            Some(RejectReason::MaxConnections)
+        );
+        drop((one, held));
+        assert!(adm.admit_client(ip("192.0.2.1")).is_ok());
+    }
+
+    #[tokio::test]
+    async fn handshake_slots_resize_with_held_permits() {
+        let adm = admission(|c| c.limits.max_handshakes_in_flight = 2);
+        let a = adm.admit_handshake().unwrap();
+        let b = adm.admit_handshake().unwrap();
+        let mut config = Config::default();
+        config.limits.max_handshakes_in_flight = 1;
+        adm.reconfigure(&config);
+        drop((a, b));
+        // The permit still owed is taken by a background task as soon as one is free.
+        tokio::task::yield_now().await;
+        let only = adm.admit_handshake().unwrap();
+        assert_eq!(
+            adm.admit_handshake().err(),
+            Some(RejectReason::HandshakeCapacity)
+        );
+        drop(only);
+        config.limits.max_handshakes_in_flight = 3;
+        adm.reconfigure(&config);
+        let held: Vec<_> = (0..3).map(|_| adm.admit_handshake().unwrap()).collect();
+        assert_eq!(held.len(), 3);
+        assert!(adm.admit_handshake().is_err());
     }
 
     #[test]

@@ -17,6 +17,9 @@ pub use crate::error::AuthMethod;
 pub struct Principal {
     pub identity: String,
     pub method: AuthMethod,
+    /// For a token: its digest, so that a reload can tell whether the token is still
+    /// configured ([`TokenStore::still_holds`]).
+    pub token_digest: Option<[u8; 32]>,
 }
 
 /// The configured tokens, as digests.
@@ -60,7 +63,19 @@ impl TokenStore {
         found.map(|name| Principal {
             identity: name.clone(),
             method: AuthMethod::Token,
+            token_digest: Some(digest),
         })
+    }
+
+    /// Whether the token a principal authenticated with is still configured under its name.
+    /// False for a principal that did not authenticate with a token.
+    pub fn still_holds(&self, principal: &Principal) -> bool {
+        let Some(digest) = &principal.token_digest else {
+            return false;
+        };
+        self.entries
+            .iter()
+            .any(|(name, expected)| *name == principal.identity && expected == digest)
     }
 
     pub fn len(&self) -> usize {
@@ -143,6 +158,22 @@ mod tests {
         assert_eq!(store.verify(b"other").unwrap().identity, "bob");
         assert!(store.verify(b"s3cre").is_none());
         assert!(store.verify(b"").is_none());
+    }
+
+    #[test]
+    fn a_removed_or_rotated_token_is_no_longer_held() {
+        let entry = |name: &str, token: &str| TokenEntry {
+            name: name.into(),
+            sha256: token_digest_hex(token),
+        };
+        let before = TokenStore::from_entries(&[entry("alice", "a1"), entry("bob", "b1")]).unwrap();
+        let alice = before.verify(b"a1").unwrap();
+        let bob = before.verify(b"b1").unwrap();
+        let after = TokenStore::from_entries(&[entry("alice", "a1"), entry("bob", "b2")]).unwrap();
+        assert!(after.still_holds(&alice));
+        assert!(!after.still_holds(&bob), "bob's token was rotated");
+        let removed = TokenStore::from_entries(&[entry("bob", "b1")]).unwrap();
+        assert!(!removed.still_holds(&alice));
     }
 
     #[test]

@@ -74,8 +74,16 @@ pub enum CloseReason {
     ProtocolError,
     /// Replies queued beyond `max_write_buffer_bytes` for a client that does not read.
     WriteOverflow,
-    /// The client key was banned while the connection was open.
+    /// The client key was banned while the connection was open (authentication failures
+    /// or the admin API).
     Banned,
+    /// A reload put the client's address in `access.deny` (or out of `access.allow`).
+    Denied,
+    /// A reload removed the token the connection authenticated with, or its client
+    /// certificate no longer verifies (client CA or CRL changed).
+    Revoked,
+    /// The connection reached `max_connection_lifetime`.
+    Lifetime,
     /// The gateway is shutting down.
     Shutdown,
     /// A socket error.
@@ -88,7 +96,7 @@ pub enum CloseReason {
 
 impl CloseReason {
     /// Every value, for pre-registering metric series.
-    pub const ALL: [CloseReason; 14] = [
+    pub const ALL: [CloseReason; 17] = [
         CloseReason::ClientClose,
         CloseReason::Quit,
         CloseReason::IdleTimeout,
@@ -99,6 +107,9 @@ impl CloseReason {
         CloseReason::ProtocolError,
         CloseReason::WriteOverflow,
         CloseReason::Banned,
+        CloseReason::Denied,
+        CloseReason::Revoked,
+        CloseReason::Lifetime,
         CloseReason::Shutdown,
         CloseReason::IoError,
         CloseReason::UpstreamClosed,
@@ -118,6 +129,9 @@ impl CloseReason {
             CloseReason::ProtocolError => "protocol_error",
             CloseReason::WriteOverflow => "write_overflow",
             CloseReason::Banned => "banned",
+            CloseReason::Denied => "denied",
+            CloseReason::Revoked => "revoked",
+            CloseReason::Lifetime => "lifetime",
             CloseReason::Shutdown => "shutdown",
             CloseReason::IoError => "io_error",
             CloseReason::UpstreamClosed => "upstream_closed",

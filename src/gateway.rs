@@ -1,12 +1,18 @@
 //! The state every connection shares: configuration, TLS, tokens, admission, PROXY
-//! settings, the command quota and the shutdown stages. It imports nothing above it in the
-//! pipeline, so the accept loop ([`crate::server`]), a connection ([`crate::session`]), the
-//! admin listener and reloads all reach it without importing each other.
+//! settings and the shutdown stages. It imports nothing above it in the pipeline, so the
+//! accept loop ([`crate::server`]), a connection ([`crate::session`]), the admin listener
+//! and reloads all reach it without importing each other.
+//!
+//! A reload ([`Gateway::reload`]) builds everything from the file first and swaps it in only
+//! when all of it loaded, then tells open connections that the rules changed
+//! ([`RulesChanged`]): each checks itself again and closes if its address is now denied or
+//! banned, or its token or client certificate revoked.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
+use tokio_util::sync::CancellationToken;
 
 use crate::admission::Admission;
 use crate::auth::TokenStore;
@@ -34,18 +40,22 @@ pub enum StartError {
 
 /// Everything a connection needs, shared by all of them.
 pub struct Gateway {
-    pub config: Config,
+    /// The configuration in force, swapped whole by a reload: read it with
+    /// [`Gateway::config`].
+    config: ArcSwap<Config>,
     pub tls: TlsState,
     /// Swapped whole on reload; a connection reads it per `AUTH`.
     pub tokens: ArcSwap<TokenStore>,
     pub admission: Admission,
     /// Which peers' PROXY headers are read, and how.
-    pub proxy: ProxySettings,
-    /// `commands_per_second` / `commands_burst`, for each connection's own limiter.
-    pub command_quota: governor::Quota,
+    pub proxy: ArcSwap<ProxySettings>,
     /// What serves a connection once it is authenticated.
     pub service: Service,
+    /// Wakes open connections when who may stay connected changed.
+    pub rules_changed: RulesChanged,
     pub shutdown: Shutdown,
+    /// One reload at a time (SIGHUP, polling and callers of [`Gateway::apply`]).
+    reloading: Mutex<()>,
 }
 
 /// What serves an authenticated connection, chosen at start (SPEC section 6). Before
@@ -88,22 +98,53 @@ impl Gateway {
         crate::metrics::cert_not_after(material.not_after);
         let tokens = TokenStore::from_entries(&config.auth.tokens)?;
         Ok(Gateway {
-            tls: TlsState::new(settings, &material),
+            tls: TlsState::new(settings, material),
             tokens: ArcSwap::from_pointee(tokens),
             admission: Admission::new(&config),
-            proxy: ProxySettings::new(&config.proxy_protocol),
-            command_quota: crate::admission::per_second(
-                config.limits.commands_per_second,
-                config.limits.commands_burst,
-            ),
+            proxy: ArcSwap::from_pointee(ProxySettings::new(&config.proxy_protocol)),
             service: Service::from_config(&config)?,
-            config,
+            rules_changed: RulesChanged::new(),
+            config: ArcSwap::from_pointee(config),
             shutdown,
+            reloading: Mutex::new(()),
         })
+    }
+
+    /// The configuration in force right now.
+    pub fn config(&self) -> Arc<Config> {
+        self.config.load_full()
     }
 }
 
-/// Why a reload failed; the old material stays in use.
+/// Tells open connections that the rules they were admitted under changed (a reload, an
+/// admin ban), so that each checks itself again. One cancellation token per change: a
+/// change cancels the current token and puts a fresh one in its place.
+pub struct RulesChanged {
+    current: ArcSwap<CancellationToken>,
+}
+
+impl RulesChanged {
+    fn new() -> Self {
+        RulesChanged {
+            current: ArcSwap::from_pointee(CancellationToken::new()),
+        }
+    }
+
+    /// The token the next change cancels. Taken before the rules are checked, so that a
+    /// change in between is not missed.
+    pub fn subscribe(&self) -> CancellationToken {
+        CancellationToken::clone(&self.current.load())
+    }
+
+    /// Wakes every subscriber; called after the new rules are in place.
+    pub fn notify(&self) {
+        self.current
+            .swap(Arc::new(CancellationToken::new()))
+            .cancel();
+    }
+}
+
+/// Why a reload failed; nothing of it was applied.
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
     #[error(transparent)]
@@ -115,34 +156,143 @@ pub enum ReloadError {
 }
 
 impl Gateway {
-    /// Reloads the certificate, key, client CA and (when the configuration came from a
-    /// file) the token list, all or nothing. Counted in `portcullis_cert_reloads_total`.
+    /// Reads the configuration file and the environment again (with the same command-line
+    /// flags) and applies the result whole, or nothing of it. Without a file, the files the
+    /// configuration names (certificates, CRLs) are read again. Counted in
+    /// `portcullis_config_reloads_total`.
     pub fn reload(&self) -> Result<(), ReloadError> {
-        let result = self.try_reload();
-        crate::metrics::cert_reload(result.is_ok());
+        let running = self.config();
+        let result = match &running.source {
+            Some(path) => Config::load(Some(path), std::env::vars(), &running.flags)
+                .map_err(ReloadError::from)
+                .and_then(|fresh| self.apply(fresh)),
+            None => self.apply(Config::clone(&running)),
+        };
+        crate::metrics::config_reload(result.is_ok());
         match &result {
-            Ok(()) => tracing::info!("reloaded certificate, client CA and tokens"),
+            Ok(()) => tracing::info!("configuration reloaded"),
             Err(e) => {
-                tracing::error!(error = %e, "reload failed; still serving the previous material")
+                tracing::error!(error = %e, "reload failed; nothing changed, still serving the previous configuration")
             }
         }
         result
     }
 
-    fn try_reload(&self) -> Result<(), ReloadError> {
-        let tokens = match &self.config.source {
-            Some(path) => {
-                let fresh = Config::load(Some(path), std::env::vars(), &Default::default())?;
-                Some(TokenStore::from_entries(&fresh.auth.tokens)?)
-            }
-            None => None,
-        };
-        let material = self.tls.reload()?;
+    /// Applies a validated configuration: TLS material, CRLs, tokens, `[auth]`, `[access]`,
+    /// `[limits]`, `[protocol]` and `[proxy_protocol]`, then wakes open connections to check
+    /// themselves against it. Keys that need a new socket or process keep their running
+    /// values (logged as needing a restart). All or nothing: every file is loaded before
+    /// anything is swapped.
+    pub fn apply(&self, mut fresh: Config) -> Result<(), ReloadError> {
+        let _one_at_a_time = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
+        let kept = keep_restart_keys(&self.config(), &mut fresh);
+        if !kept.is_empty() {
+            tracing::warn!(keys = ?kept, "changed keys need a restart; keeping their running values");
+        }
+        let settings = TlsSettings::from_config(&fresh);
+        let material = TlsMaterial::load(&settings)?;
+        let tokens = TokenStore::from_entries(&fresh.auth.tokens)?;
+        // Everything is loaded: from here on nothing fails.
         crate::metrics::cert_not_after(material.not_after);
         tracing::info!(serial = %material.serial, "serving certificate");
-        if let Some(tokens) = tokens {
-            self.tokens.store(Arc::new(tokens));
-        }
+        self.tls.install(settings, material);
+        self.tokens.store(Arc::new(tokens));
+        self.admission.reconfigure(&fresh);
+        self.proxy
+            .store(Arc::new(ProxySettings::new(&fresh.proxy_protocol)));
+        self.config.store(Arc::new(fresh));
+        self.rules_changed.notify();
         Ok(())
+    }
+}
+
+/// Puts back in `fresh` the running value of every key that needs a new socket, a new
+/// runtime or a new logger, and returns the names of those that had changed.
+fn keep_restart_keys(running: &Config, fresh: &mut Config) -> Vec<&'static str> {
+    fn keep<T: PartialEq + Clone>(
+        key: &'static str,
+        running: &T,
+        fresh: &mut T,
+        kept: &mut Vec<&'static str>,
+    ) {
+        if running != fresh {
+            *fresh = running.clone();
+            kept.push(key);
+        }
+    }
+    let mut kept = Vec::new();
+    let (r, f) = (running, fresh);
+    keep(
+        "server.listen",
+        &r.server.listen,
+        &mut f.server.listen,
+        &mut kept,
+    );
+    keep(
+        "server.workers",
+        &r.server.workers,
+        &mut f.server.workers,
+        &mut kept,
+    );
+    keep(
+        "admin.listen",
+        &r.admin.listen,
+        &mut f.admin.listen,
+        &mut kept,
+    );
+    keep(
+        "admin.max_connections",
+        &r.admin.max_connections,
+        &mut f.admin.max_connections,
+        &mut kept,
+    );
+    keep(
+        "admin.idle_timeout",
+        &r.admin.idle_timeout,
+        &mut f.admin.idle_timeout,
+        &mut kept,
+    );
+    // The upstream pool and its health checks are built once at start.
+    keep("upstream", &r.upstream, &mut f.upstream, &mut kept);
+    keep("log.format", &r.log.format, &mut f.log.format, &mut kept);
+    keep("log.level", &r.log.level, &mut f.log.level, &mut kept);
+    kept
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restart_keys_keep_their_running_values() {
+        let running = Config::default();
+        let mut fresh = Config::default();
+        fresh.server.listen = "127.0.0.1:1".parse().unwrap();
+        fresh.admin.listen = "127.0.0.1:2".parse().unwrap();
+        fresh.server.workers = 3;
+        fresh.limits.idle_timeout = std::time::Duration::from_secs(5);
+        let kept = keep_restart_keys(&running, &mut fresh);
+        assert_eq!(kept, ["server.listen", "server.workers", "admin.listen"]);
+        assert_eq!(fresh.server.listen, running.server.listen);
+        assert_eq!(fresh.admin.listen, running.admin.listen);
+        assert_eq!(fresh.server.workers, 0);
+        assert_eq!(
+            fresh.limits.idle_timeout,
+            std::time::Duration::from_secs(5),
+            "reloadable keys take the new value"
+        );
+    }
+
+    #[test]
+    fn a_change_wakes_subscribers_once() {
+        let changed = RulesChanged::new();
+        let before = changed.subscribe();
+        changed.notify();
+        assert!(before.is_cancelled());
+        let after = changed.subscribe();
+        assert!(
+            !after.is_cancelled(),
+            "a fresh token waits for the next change"
+        );
     }
 }

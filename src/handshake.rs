@@ -33,7 +33,8 @@ pub async fn handshake(
     gateway: &Gateway,
 ) -> Result<(TlsStream<Rewind>, Option<Principal>), CloseReason> {
     let started = Instant::now();
-    let deadline = deadline::from_now(gateway.config.limits.handshake_timeout);
+    let config = gateway.config();
+    let deadline = deadline::from_now(config.limits.handshake_timeout);
     let timed_out = || {
         metrics::handshake(HandshakeResult::Timeout, "none", started.elapsed());
         metrics::security_event(
@@ -78,7 +79,7 @@ pub async fn handshake(
     };
     let (_, conn) = tls.get_ref();
     metrics::handshake(HandshakeResult::Ok, version_label(conn), started.elapsed());
-    let principal = match gateway.config.auth.mode {
+    let principal = match config.auth.mode {
         AuthMode::Token => None,
         _ => mtls_principal(conn, ip)?,
     };
@@ -99,6 +100,7 @@ fn mtls_principal(conn: &ServerConnection, ip: IpAddr) -> Result<Option<Principa
             Principal {
                 identity,
                 method: AuthMethod::Mtls,
+                token_digest: None,
             }
         })),
         Err(unsafe_identity) => {

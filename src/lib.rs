@@ -22,9 +22,11 @@
 //!    serves `/metrics`, `/healthz` and `/readyz`; [`error`] holds the closed sets that
 //!    become labels.
 //!
-//! [`gateway`] is the state every connection shares (it imports nothing above it),
-//! [`config`] is the typed configuration, [`deadline`] computes deadlines that cannot overflow, [`reload`] swaps certificates and tokens on
-//! SIGHUP, and [`bootstrap`] is the development set-up.
+//! [`gateway`] is the state every connection shares (it imports nothing above it) and
+//! applies a reloaded configuration whole, waking open connections to check themselves
+//! against it; [`config`] is the typed configuration, [`deadline`] computes deadlines that
+//! cannot overflow, [`reload`] triggers reloads (SIGHUP, polling), and [`bootstrap`] is the
+//! development set-up.
 
 pub mod admin;
 pub mod admission;

@@ -32,7 +32,7 @@ pub const FRAMES: &str = "portcullis_frames_total";
 pub const BYTES: &str = "portcullis_bytes_total";
 pub const LIMITER_KEYS: &str = "portcullis_limiter_keys";
 pub const CERT_NOT_AFTER: &str = "portcullis_cert_not_after_timestamp_seconds";
-pub const CERT_RELOADS: &str = "portcullis_cert_reloads_total";
+pub const CONFIG_RELOADS: &str = "portcullis_config_reloads_total";
 pub const BUILD_INFO: &str = "portcullis_build_info";
 pub const UPSTREAM_CONNECT_DURATION: &str = "portcullis_upstream_connect_duration_seconds";
 pub const UPSTREAM_CONNECTIONS_ACTIVE: &str = "portcullis_upstream_connections_active";
@@ -158,7 +158,10 @@ fn describe() {
         Unit::Seconds,
         "notAfter of the serving certificate, Unix time"
     );
-    describe_counter!(CERT_RELOADS, "Certificate reloads by result");
+    describe_counter!(
+        CONFIG_RELOADS,
+        "Configuration reloads (file, environment, certificates, tokens) by result"
+    );
     describe_gauge!(
         BUILD_INFO,
         "Always 1; the version label says which build runs"
@@ -236,7 +239,7 @@ fn register_at_zero() {
         bans: 0,
     });
     for result in ["ok", "failed"] {
-        counter!(CERT_RELOADS, "result" => result).absolute(0);
+        counter!(CONFIG_RELOADS, "result" => result).absolute(0);
     }
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     for result in [
@@ -449,10 +452,10 @@ pub fn cert_not_after(timestamp: i64) {
     gauge!(CERT_NOT_AFTER).set(timestamp as f64);
 }
 
-/// A certificate reload ended.
-pub fn cert_reload(ok: bool) {
+/// A configuration reload ended: applied whole, or failed and changed nothing.
+pub fn config_reload(ok: bool) {
     let result = if ok { "ok" } else { "failed" };
-    counter!(CERT_RELOADS, "result" => result).increment(1);
+    counter!(CONFIG_RELOADS, "result" => result).increment(1);
 }
 
 /// A refusal or sign of abuse: counted by kind, and logged as one WARN line with the client

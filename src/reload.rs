@@ -1,8 +1,8 @@
-//! Reload triggers: SIGHUP, and polling the certificate files every `tls.reload_interval`
-//! when it is above zero. The reload itself is [`Gateway::reload`]: all or nothing, and a
-//! failure keeps the previous material.
+//! Reload triggers: SIGHUP, and polling the configuration file and the files it names every
+//! `tls.reload_interval` when it is above zero. The reload itself is [`Gateway::reload`]:
+//! all or nothing, and a failure keeps the previous configuration.
 
-use std::time::Duration;
+use std::time::SystemTime;
 
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
@@ -18,33 +18,32 @@ pub async fn watch(gateway: &Gateway, stop: CancellationToken) {
             None
         }
     };
-    let interval = gateway.config.tls.reload_interval;
-    // Zero disables polling: wait (practically) forever.
-    let period = if interval.is_zero() {
-        Duration::from_secs(86400 * 365)
-    } else {
-        interval
-    };
-    let mut poll = tokio::time::interval(period);
-    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    poll.tick().await;
-    let mut seen = gateway.tls.files_fingerprint();
+    let mut seen = fingerprint(gateway);
     loop {
+        // Read every time round: a reload may change the interval (0 turns polling off).
+        let interval = gateway.config().tls.reload_interval;
         tokio::select! {
             _ = stop.cancelled() => return,
             Some(()) = async { hangup.as_mut()?.recv().await } => {
                 tracing::info!("SIGHUP: reloading");
                 let _ = gateway.reload();
-                seen = gateway.tls.files_fingerprint();
+                seen = fingerprint(gateway);
             }
-            _ = poll.tick(), if !interval.is_zero() => {
-                let now = gateway.tls.files_fingerprint();
-                if now != seen {
-                    tracing::info!("certificate files changed: reloading");
+            _ = tokio::time::sleep(interval), if !interval.is_zero() => {
+                if fingerprint(gateway) != seen {
+                    tracing::info!("configuration or certificate files changed: reloading");
                     let _ = gateway.reload();
-                    seen = now;
+                    seen = fingerprint(gateway);
                 }
             }
         }
     }
+}
+
+/// Size and modification time of the configuration file and of every TLS file it names.
+fn fingerprint(gateway: &Gateway) -> Vec<Option<(u64, SystemTime)>> {
+    let source = gateway.config().source.clone();
+    let mut files = gateway.tls.files_fingerprint();
+    files.extend(source.as_deref().map(crate::tls::file_fingerprint));
+    files
 }

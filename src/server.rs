@@ -84,9 +84,9 @@ impl Server {
             admin,
             stopped.clone(),
         ));
-        let delay = gateway.config.server.shutdown_delay;
         let stop_accepting = async {
             shutdown.drain.cancelled().await;
+            let delay = gateway.config().server.shutdown_delay;
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = shutdown.force.cancelled() => {}
@@ -100,7 +100,7 @@ impl Server {
         shutdown.closing.cancel();
         tracker.close();
         tracing::info!(connections = tracker.len(), "listener closed; draining");
-        let drain_timeout = gateway.config.server.drain_timeout;
+        let drain_timeout = gateway.config().server.drain_timeout;
         tokio::select! {
             _ = tracker.wait() => {}
             _ = tokio::time::sleep(drain_timeout) => {
@@ -132,8 +132,16 @@ async fn background(
         metrics.clone(),
         gateway.shutdown.force.clone(),
     ));
-    let interval = gateway.config.limits.prune_interval;
-    let pruning = gateway.admission.prune_every(interval, stop.clone());
+    let pruning = async {
+        loop {
+            // Read every time round: a reload may change it.
+            let interval = gateway.config().limits.prune_interval;
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => gateway.admission.prune(),
+                _ = stop.cancelled() => return,
+            }
+        }
+    };
     let upkeep = async {
         let mut tick = tokio::time::interval(UPKEEP_INTERVAL);
         loop {

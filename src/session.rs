@@ -14,15 +14,15 @@ use governor::{DefaultDirectRateLimiter, RateLimiter};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
-use tokio::time::timeout;
+use tokio::time::{timeout, Instant};
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::admission::{normalize_ip, ClientGuard, ConnectionGuard};
-use crate::auth::Principal;
+use crate::auth::{AuthMethod, Principal};
 use crate::codec::{self, Framing, Message, MessageCodec, TooLarge};
 use crate::command::{self, After, Context, Reply, Request};
-use crate::config::{AuthMode, UpstreamMode};
+use crate::config::{AuthMode, Config, UpstreamMode};
 use crate::deadline;
 use crate::error::{CloseReason, ErrorCode, RejectReason, SecurityEvent, UpstreamError};
 use crate::gateway::Gateway;
@@ -50,6 +50,8 @@ pub struct Accepted {
     /// Already admitted as a client, unless a trusted balancer's PROXY header must be read
     /// first to learn who the client is.
     client: Option<AdmittedClient>,
+    /// Cancelled when the rules change after this connection was admitted under them.
+    rules_changed: CancellationToken,
 }
 
 /// A client that passed every per-client check.
@@ -64,6 +66,8 @@ struct AdmittedClient {
 /// a close (reset), and neither a task nor a byte of TLS.
 pub fn accept(stream: TcpStream, peer: SocketAddr, gateway: &Gateway) -> Option<Accepted> {
     metrics::connection_accepted();
+    // Before any rule is checked, so that a change after the check is not missed.
+    let rules_changed = gateway.rules_changed.subscribe();
     let socket_ip = normalize_ip(peer.ip());
     let connection = match gateway.admission.admit_connection() {
         Ok(guard) => guard,
@@ -72,7 +76,7 @@ pub fn accept(stream: TcpStream, peer: SocketAddr, gateway: &Gateway) -> Option<
             return None;
         }
     };
-    let client = match gateway.proxy.decide_without_reading(socket_ip) {
+    let client = match gateway.proxy.load().decide_without_reading(socket_ip) {
         None => None,
         Some(Ok(ip)) => match admit_client(ip, gateway) {
             Ok(client) => Some(client),
@@ -93,6 +97,7 @@ pub fn accept(stream: TcpStream, peer: SocketAddr, gateway: &Gateway) -> Option<
         socket_ip,
         _connection: connection,
         client,
+        rules_changed,
     })
 }
 
@@ -114,12 +119,14 @@ pub async fn run(accepted: Accepted, gateway: Arc<Gateway>) {
         socket_ip,
         _connection,
         client,
+        rules_changed,
     } = accepted;
     let mut io = Rewind::new(stream);
     let client = match client {
         Some(client) => client,
         None => {
-            let ip = match gateway.proxy.accept(&mut io, socket_ip).await {
+            let proxy = gateway.proxy.load_full();
+            let ip = match proxy.accept(&mut io, socket_ip).await {
                 Outcome::Client(ip) => ip,
                 Outcome::Closed => return,
                 Outcome::Refused(reason) => {
@@ -137,7 +144,8 @@ pub async fn run(accepted: Accepted, gateway: Arc<Gateway>) {
         }
     };
     let ip = client.ip;
-    let reason = serve(io, ip, client.handshake, &client.guard.banned, &gateway).await;
+    let banned = &client.guard.banned;
+    let reason = serve(io, ip, client.handshake, banned, rules_changed, &gateway).await;
     metrics::connection_closed(reason);
     tracing::debug!(%ip, reason = reason.as_str(), "connection closed");
 }
@@ -154,12 +162,15 @@ async fn serve(
     ip: IpAddr,
     handshake_permit: OwnedSemaphorePermit,
     banned: &CancellationToken,
+    rules_changed: CancellationToken,
     gateway: &Gateway,
 ) -> CloseReason {
+    let started = Instant::now();
+    let config = gateway.config();
     // What the upstream is told: the client address and the address it connected to.
     let tcp = stream.tcp();
     let port = tcp.peer_addr().map_or(0, |a| a.port());
-    let local = tcp.local_addr().unwrap_or(gateway.config.server.listen);
+    let local = tcp.local_addr().unwrap_or(config.server.listen);
     // Boxed: its state is needed only until the handshake ends, not for the connection's life.
     let handshake = Box::pin(handshake(stream, ip, gateway)).await;
     drop(handshake_permit);
@@ -173,7 +184,8 @@ async fn serve(
         .negotiated_cipher_suite()
         .and_then(|s| s.suite().as_str())
         .unwrap_or("unknown");
-    let protocol = &gateway.config.protocol;
+    let protocol = &config.protocol;
+    let limits = &config.limits;
     let mut session = Session {
         stream: tls,
         gateway,
@@ -181,7 +193,11 @@ async fn serve(
         peer: SocketAddr::new(ip, port),
         local,
         banned,
-        command_rate: RateLimiter::direct(gateway.command_quota),
+        started,
+        command_rate: RateLimiter::direct(crate::admission::per_second(
+            limits.commands_per_second,
+            limits.commands_burst,
+        )),
         principal,
         tls_version,
         cipher,
@@ -194,8 +210,9 @@ async fn serve(
         wbuf: BytesMut::new(),
         needs_flush: false,
         link: None,
+        config,
     };
-    session.run().await
+    session.run(rules_changed).await
 }
 
 /// The state of one established connection.
@@ -211,6 +228,10 @@ struct Session<'g> {
     local: SocketAddr,
     /// Cancelled when the client's key is banned.
     banned: &'g CancellationToken,
+    /// When the connection began, for `max_connection_lifetime`.
+    started: Instant,
+    /// The configuration in force, taken again whenever the rules change.
+    config: Arc<Config>,
     /// `commands_per_second` / `commands_burst` for this connection.
     command_rate: DefaultDirectRateLimiter,
     principal: Option<Principal>,
@@ -247,26 +268,26 @@ enum Step {
 }
 
 impl Session<'_> {
-    async fn run(&mut self) -> CloseReason {
+    async fn run(&mut self, rules_changed: CancellationToken) -> CloseReason {
         let gateway = self.gateway;
-        let banned = self.banned;
-        let limits = &gateway.config.limits;
         let shutdown = &gateway.shutdown;
-        let auth_deadline = deadline::from_now(gateway.config.auth.auth_timeout);
-        let mut idle_deadline = deadline::from_now(limits.idle_timeout);
+        let auth_deadline = deadline::from_now(self.config.auth.auth_timeout);
+        let mut idle_deadline = deadline::from_now(self.config.limits.idle_timeout);
         let mut draining = false;
         // Made once and polled by reference: registering and dropping a waiter and a timer
         // on every request cost more than the request itself.
         let force = shutdown.force.cancelled();
+        let banned = self.banned;
         let ban = banned.cancelled();
         let closing = shutdown.closing.cancelled();
+        let rules_changed = rules_changed.cancelled_owned();
         let timer = tokio::time::sleep_until(idle_deadline);
-        tokio::pin!(force, ban, closing, timer);
+        tokio::pin!(force, ban, closing, rules_changed, timer);
         loop {
             match self.process_buffered() {
                 Step::Continue { served } => {
                     if served {
-                        idle_deadline = deadline::from_now(limits.idle_timeout);
+                        idle_deadline = deadline::from_now(self.config.limits.idle_timeout);
                     }
                 }
                 // Cold paths are boxed, so their futures do not enlarge every connection's task.
@@ -282,11 +303,11 @@ impl Session<'_> {
                 }
             }
             match self.take_replies() {
-                Ok(true) => idle_deadline = deadline::from_now(limits.idle_timeout),
+                Ok(true) => idle_deadline = deadline::from_now(self.config.limits.idle_timeout),
                 Ok(false) => {}
                 Err(reason) => return Box::pin(self.close(reason)).await,
             }
-            if self.wbuf.len() > limits.max_write_buffer_bytes {
+            if self.wbuf.len() > self.config.limits.max_write_buffer_bytes {
                 metrics::security_event(
                     SecurityEvent::WriteOverflow,
                     self.ip,
@@ -303,6 +324,10 @@ impl Session<'_> {
             } else {
                 (idle_deadline, CloseReason::IdleTimeout)
             };
+            let (deadline, expired) = match self.lifetime_deadline() {
+                Some(end) if end < deadline => (end, CloseReason::Lifetime),
+                _ => (deadline, expired),
+            };
             if timer.deadline() != deadline {
                 timer.as_mut().reset(deadline);
             }
@@ -312,6 +337,15 @@ impl Session<'_> {
                 _ = &mut ban => Err(CloseReason::Banned),
                 event = std::future::poll_fn(|cx| self.poll_io(cx)) => Ok(event),
                 _ = &mut timer => Err(expired),
+                _ = &mut rules_changed => {
+                    // Subscribe again before checking, so that no change is missed.
+                    rules_changed.set(gateway.rules_changed.subscribe().cancelled_owned());
+                    self.config = gateway.config();
+                    match self.still_allowed() {
+                        Ok(()) => continue,
+                        Err(reason) => Err(reason),
+                    }
+                }
                 _ = &mut closing, if !draining => {
                     draining = true;
                     continue;
@@ -349,7 +383,7 @@ impl Session<'_> {
             }
         }
         if let Some(link) = &mut self.link {
-            let room = self.wbuf.len() < self.gateway.config.limits.max_write_buffer_bytes;
+            let room = self.wbuf.len() < self.config.limits.max_write_buffer_bytes;
             if let Poll::Ready(event) = link.poll_io(cx, room) {
                 return Poll::Ready(IoEvent::Upstream(event));
             }
@@ -394,7 +428,46 @@ impl Session<'_> {
     }
 
     fn authenticated(&self) -> bool {
-        self.gateway.config.auth.mode == AuthMode::None || self.principal.is_some()
+        self.config.auth.mode == AuthMode::None || self.principal.is_some()
+    }
+
+    /// When `max_connection_lifetime` ends this connection; `None` without a limit.
+    fn lifetime_deadline(&self) -> Option<Instant> {
+        let lifetime = self.config.limits.max_connection_lifetime;
+        if lifetime.is_zero() {
+            return None;
+        }
+        self.started.checked_add(lifetime)
+    }
+
+    /// After the rules changed: whether this connection may stay. Its address is checked
+    /// against the access lists and bans, its token against the token list and the auth
+    /// mode, and its client certificate against the client CA and CRLs now in force.
+    fn still_allowed(&self) -> Result<(), CloseReason> {
+        match self.gateway.admission.still_admitted(self.ip) {
+            Ok(()) => {}
+            Err(RejectReason::Banned) => return Err(CloseReason::Banned),
+            Err(_) => return Err(CloseReason::Denied),
+        }
+        if let Some(principal) = &self.principal {
+            let mode = self.config.auth.mode;
+            let still_valid = match principal.method {
+                AuthMethod::Token => {
+                    mode != AuthMode::Mtls && self.gateway.tokens.load().still_holds(principal)
+                }
+                AuthMethod::Mtls => mode != AuthMode::Token,
+            };
+            if !still_valid {
+                return Err(CloseReason::Revoked);
+            }
+        }
+        let (_, conn) = self.stream.get_ref();
+        if let Some(chain) = conn.peer_certificates() {
+            if !self.gateway.tls.client_chain_verifies(chain) {
+                return Err(CloseReason::Revoked);
+            }
+        }
+        Ok(())
     }
 
     /// True when the client should now be handed to the upstream: one serves, the client
@@ -467,7 +540,7 @@ impl Session<'_> {
         let tokens = self.gateway.tokens.load();
         let mut ctx = Context {
             principal: &mut self.principal,
-            mode: self.gateway.config.auth.mode,
+            mode: self.config.auth.mode,
             tokens: &tokens,
             client_ip: self.ip,
             tls_version: self.tls_version,
@@ -530,7 +603,7 @@ impl Session<'_> {
         self.wbuf.clear();
         let pending = self.rbuf.split().freeze();
         let stops = stream::Stops {
-            idle_timeout: self.gateway.config.limits.idle_timeout,
+            idle_timeout: self.config.limits.idle_timeout,
             force: &self.gateway.shutdown.force,
             banned: self.banned,
         };
@@ -545,7 +618,7 @@ impl Session<'_> {
             return Ok(false);
         };
         let framing = self.codec.framing().unwrap_or(Framing::Text);
-        let cap = self.gateway.config.limits.max_write_buffer_bytes;
+        let cap = self.config.limits.max_write_buffer_bytes;
         let mut moved = false;
         loop {
             // A frame header (4 bytes) or a newline must fit too.

@@ -1,15 +1,18 @@
 //! TLS: the rustls server configuration, built from PEM files and kept behind `ArcSwap` so a
 //! reload replaces it for new handshakes while live connections keep the one they started
-//! with. The handshake itself runs under `handshake_timeout` in [`crate::session`].
+//! with. The client-certificate verifier is kept beside it, so that after a reload the
+//! certificates of open connections can be checked again (revocation, SPEC section 9).
+//! The handshake itself runs under `handshake_timeout` in [`crate::handshake`].
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use rustls::server::danger::ClientCertVerifier;
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, UnixTime};
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{Config, TlsVersion};
@@ -23,6 +26,8 @@ pub enum TlsError {
     Key { path: PathBuf, message: String },
     #[error("tls.client_ca {path}: {message}")]
     ClientCa { path: PathBuf, message: String },
+    #[error("tls.client_crl {path}: {message}")]
+    ClientCrl { path: PathBuf, message: String },
     #[error("tls: {0}")]
     Rustls(#[from] rustls::Error),
 }
@@ -33,6 +38,7 @@ pub struct TlsSettings {
     cert: PathBuf,
     key: PathBuf,
     client_ca: Option<PathBuf>,
+    client_crl: Vec<PathBuf>,
     min_version: TlsVersion,
     alpn: Vec<Vec<u8>>,
     require_client_cert: bool,
@@ -44,6 +50,7 @@ impl TlsSettings {
             cert: config.tls.cert.clone(),
             key: config.tls.key.clone(),
             client_ca: config.tls.client_ca().map(Path::to_path_buf),
+            client_crl: config.tls.client_crl.clone(),
             min_version: config.tls.min_version,
             alpn: config
                 .tls
@@ -59,13 +66,16 @@ impl TlsSettings {
     pub fn watched_files(&self) -> Vec<&Path> {
         let mut files = vec![self.cert.as_path(), self.key.as_path()];
         files.extend(self.client_ca.as_deref());
+        files.extend(self.client_crl.iter().map(PathBuf::as_path));
         files
     }
 }
 
-/// One loaded certificate, key and client CA.
+/// One loaded certificate, key, client CA and CRLs.
 pub struct TlsMaterial {
     pub server_config: Arc<ServerConfig>,
+    /// The client-certificate verifier inside `server_config`, when mTLS is on.
+    client_verifier: Option<Arc<dyn ClientCertVerifier>>,
     /// The leaf certificate's notAfter, in seconds since the epoch (for the expiry gauge).
     pub not_after: i64,
     /// The leaf certificate's serial number, hex (for logs and reload tests).
@@ -75,7 +85,7 @@ pub struct TlsMaterial {
 impl TlsMaterial {
     /// Reads the files and builds a server configuration: TLS 1.2 (unless `min_version` is
     /// 1.3) and 1.3, session tickets on, the configured ALPN, and client certificates
-    /// verified against `client_ca` when set.
+    /// verified against `client_ca` when set, and refused when a `client_crl` revokes them.
     pub fn load(settings: &TlsSettings) -> Result<Self, TlsError> {
         let certs = load_certs(&settings.cert)?;
         let key = PrivateKeyDer::from_pem_file(&settings.key).map_err(|e| TlsError::Key {
@@ -93,77 +103,120 @@ impl TlsMaterial {
         };
         let builder = ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(versions)?;
-        let builder = match &settings.client_ca {
+        let client_verifier = client_verifier(settings, provider)?;
+        let builder = match &client_verifier {
             None => builder.with_no_client_auth(),
-            Some(path) => {
-                let roots = load_roots(path)?;
-                let verifier =
-                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
-                let verifier = if settings.require_client_cert {
-                    verifier
-                } else {
-                    verifier.allow_unauthenticated()
-                };
-                let verifier = verifier.build().map_err(|e| TlsError::ClientCa {
-                    path: path.clone(),
-                    message: e.to_string(),
-                })?;
-                builder.with_client_cert_verifier(verifier)
-            }
+            Some(verifier) => builder.with_client_cert_verifier(verifier.clone()),
         };
         let mut config = builder.with_single_cert(certs, key)?;
         config.alpn_protocols = settings.alpn.clone();
         config.ticketer = rustls::crypto::ring::Ticketer::new()?;
         Ok(TlsMaterial {
             server_config: Arc::new(config),
+            client_verifier,
             not_after,
             serial,
         })
     }
 }
 
+/// The client-certificate verifier of `settings`, when mTLS is on. With CRLs, only the
+/// client's own certificate is checked for revocation, and a certificate whose issuer has no
+/// CRL in the list is refused: a CRL file that names the wrong CA fails closed.
+fn client_verifier(
+    settings: &TlsSettings,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+) -> Result<Option<Arc<dyn ClientCertVerifier>>, TlsError> {
+    let Some(path) = &settings.client_ca else {
+        return Ok(None);
+    };
+    let roots = load_roots(path)?;
+    let mut crls = Vec::new();
+    for crl in &settings.client_crl {
+        crls.extend(load_crls(crl)?);
+    }
+    let mut verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+    if !crls.is_empty() {
+        verifier = verifier.with_crls(crls).only_check_end_entity_revocation();
+    }
+    if !settings.require_client_cert {
+        verifier = verifier.allow_unauthenticated();
+    }
+    let verifier = verifier.build().map_err(|e| TlsError::ClientCa {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    Ok(Some(verifier))
+}
+
+/// What serves new handshakes right now.
+struct Active {
+    settings: TlsSettings,
+    server_config: Arc<ServerConfig>,
+    client_verifier: Option<Arc<dyn ClientCertVerifier>>,
+}
+
 /// The live TLS configuration: handshakes take the current one, a reload swaps it.
 pub struct TlsState {
-    settings: TlsSettings,
-    current: ArcSwap<ServerConfig>,
+    current: ArcSwap<Active>,
 }
 
 impl TlsState {
-    pub fn new(settings: TlsSettings, material: &TlsMaterial) -> Self {
+    pub fn new(settings: TlsSettings, material: TlsMaterial) -> Self {
         TlsState {
-            settings,
-            current: ArcSwap::new(material.server_config.clone()),
+            current: ArcSwap::from_pointee(Active {
+                settings,
+                server_config: material.server_config,
+                client_verifier: material.client_verifier,
+            }),
         }
     }
 
     /// An acceptor for one new connection, using the configuration current right now.
     pub fn acceptor(&self) -> TlsAcceptor {
-        TlsAcceptor::from(self.current.load_full())
+        TlsAcceptor::from(self.current.load().server_config.clone())
     }
 
-    /// Loads the files again; on success the new configuration serves new handshakes,
-    /// while established connections keep the one they started with.
-    pub fn reload(&self) -> Result<TlsMaterial, TlsError> {
-        let material = TlsMaterial::load(&self.settings)?;
-        self.current.store(material.server_config.clone());
-        Ok(material)
+    /// Serves new handshakes with `material` (loaded from `settings`); established
+    /// connections keep the configuration they started with.
+    pub fn install(&self, settings: TlsSettings, material: TlsMaterial) {
+        self.current.store(Arc::new(Active {
+            settings,
+            server_config: material.server_config,
+            client_verifier: material.client_verifier,
+        }));
+    }
+
+    /// Whether a client certificate chain (leaf first), accepted at its handshake, still
+    /// verifies against the current client CA and CRLs. False when mTLS is now off.
+    pub fn client_chain_verifies(&self, chain: &[CertificateDer<'_>]) -> bool {
+        let current = self.current.load();
+        let (Some(verifier), Some((leaf, intermediates))) =
+            (&current.client_verifier, chain.split_first())
+        else {
+            return false;
+        };
+        verifier
+            .verify_client_cert(leaf, intermediates, UnixTime::now())
+            .is_ok()
     }
 
     /// A fingerprint of the watched files (size and modification time), to notice changes.
     pub fn files_fingerprint(&self) -> Vec<Option<(u64, std::time::SystemTime)>> {
-        self.settings
+        self.current
+            .load()
+            .settings
             .watched_files()
             .into_iter()
-            .map(|path| {
-                let meta = std::fs::metadata(path).ok()?;
-                Some((meta.len(), meta.modified().ok()?))
-            })
+            .map(file_fingerprint)
             .collect()
     }
+}
 
-    pub fn settings(&self) -> &TlsSettings {
-        &self.settings
-    }
+/// A file's size and modification time, `None` when it cannot be read.
+pub fn file_fingerprint(path: &Path) -> Option<(u64, std::time::SystemTime)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.len(), meta.modified().ok()?))
 }
 
 fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
@@ -195,6 +248,31 @@ fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
         return Err(err("no CERTIFICATE block found".into()));
     }
     Ok(roots)
+}
+
+/// The CRLs in one file: PEM (any number of `X509 CRL` blocks) or a single DER CRL. Each is
+/// parsed here, so a broken file is named in the error.
+fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
+    let err = |message: String| TlsError::ClientCrl {
+        path: path.into(),
+        message,
+    };
+    let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+    let crls = if bytes.starts_with(b"-----BEGIN") {
+        CertificateRevocationListDer::pem_slice_iter(&bytes)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| err(pem_message(e)))?
+    } else {
+        vec![CertificateRevocationListDer::from(bytes)]
+    };
+    if crls.is_empty() {
+        return Err(err("no X509 CRL block found".into()));
+    }
+    for crl in &crls {
+        x509_parser::parse_x509_crl(crl.as_ref())
+            .map_err(|e| err(format!("not a valid CRL: {e}")))?;
+    }
+    Ok(crls)
 }
 
 fn pem_message(e: rustls_pki_types::pem::Error) -> String {

@@ -1,4 +1,5 @@
-//! Certificate hot reload on SIGHUP, with new TLS connections opening all the while.
+//! Hot reload on SIGHUP and by polling: certificates (with new TLS connections opening all the
+//! while), tokens, and the rest of the configuration file, applied to open connections too.
 
 mod support;
 
@@ -174,10 +175,15 @@ async fn sighup_swaps_certificates_without_failing_a_handshake() {
         .await
         .unwrap();
     assert!(
-        sample(&scrape, "portcullis_cert_reloads_total{result=\"ok\"}") >= 21.0,
+        sample(&scrape, "portcullis_config_reloads_total{result=\"ok\"}") >= 21.0,
         "{scrape}"
     );
-    assert!(sample(&scrape, "portcullis_cert_reloads_total{result=\"failed\"}") >= 1.0);
+    assert!(
+        sample(
+            &scrape,
+            "portcullis_config_reloads_total{result=\"failed\"}"
+        ) >= 1.0
+    );
     assert!(gateway.stderr().contains("reload failed"));
 }
 
@@ -217,5 +223,158 @@ async fn reload_interval_polls_the_files() {
     assert_eq!(
         served_serial(&connector, gateway.addr).await.unwrap(),
         serial_of(&other.server_cert)
+    );
+}
+
+/// Rewrites the gateway's configuration file with `extra` and sends SIGHUP; returns once the
+/// reload has been counted with `result` (the `n`th such).
+async fn reload_with(gateway: &Process, certs: &TestCerts, extra: &str, result: &str, n: f64) {
+    write_config(certs, extra);
+    gateway.signal(libc::SIGHUP);
+    let series = format!("portcullis_config_reloads_total{{result=\"{result}\"}}");
+    wait_for_sample(gateway.admin, &series, n).await;
+}
+
+/// True when a connection from 127.0.0.`source` is refused (reset before or at the
+/// handshake, or closed before its first reply).
+async fn refused(addr: std::net::SocketAddr, certs: &TestCerts, source: u8) -> bool {
+    match Client::connect_with(addr, certs, from(source)).await {
+        Err(_) => true,
+        Ok(mut c) => {
+            use tokio::io::AsyncWriteExt;
+            let _ = c.stream.write_all(b"PING\n").await;
+            c.is_closed().await
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_denied_cidr_closes_its_open_connection_and_refuses_new_ones() {
+    let certs = TestCerts::new();
+    let gateway = Process::gateway(&certs, "");
+    let mut doomed = Client::connect_with(gateway.addr, &certs, from(2))
+        .await
+        .unwrap();
+    assert_eq!(doomed.request_line("PING").await, "OK PONG");
+    let mut other = Client::connect_with(gateway.addr, &certs, from(3))
+        .await
+        .unwrap();
+    assert_eq!(other.request_line("PING").await, "OK PONG");
+
+    write_config(&certs, "[access]\ndeny = [\"127.0.0.2/32\"]\n");
+    gateway.signal(libc::SIGHUP);
+
+    // Closed at the reload, gracefully, without waiting for its idle timeout (60 s).
+    doomed.expect_close_notify().await;
+    assert!(
+        refused(gateway.addr, &certs, 2).await,
+        "new connections refused"
+    );
+    assert_eq!(
+        other.request_line("PING").await,
+        "OK PONG",
+        "others untouched"
+    );
+    assert!(!refused(gateway.addr, &certs, 3).await);
+    let scrape = wait_for_sample(
+        gateway.admin,
+        "portcullis_connections_closed_total{reason=\"denied\"}",
+        1.0,
+    )
+    .await;
+    assert_eq!(
+        sample(&scrape, "portcullis_config_reloads_total{result=\"ok\"}"),
+        1.0
+    );
+    assert!(
+        sample(
+            &scrape,
+            "portcullis_connections_rejected_total{reason=\"denied\"}"
+        ) >= 1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lowered_connection_rate_is_enforced_after_sighup() {
+    let certs = TestCerts::new();
+    let gateway = Process::gateway(
+        &certs,
+        "[limits]\nconnection_rate_per_ip = 100\nconnection_burst_per_ip = 100\n",
+    );
+    for _ in 0..5 {
+        assert!(!refused(gateway.addr, &certs, 4).await);
+    }
+    // A lower rate, and a key that needs a restart (logged, kept as it was).
+    reload_with(
+        &gateway,
+        &certs,
+        "[limits]\nconnection_rate_per_ip = 1\nconnection_burst_per_ip = 2\n[log]\nlevel = \"debug\"\n",
+        "ok",
+        1.0,
+    )
+    .await;
+    assert!(!refused(gateway.addr, &certs, 4).await);
+    assert!(!refused(gateway.addr, &certs, 4).await);
+    assert!(
+        refused(gateway.addr, &certs, 4).await,
+        "the third connection within a second is over the new burst of 2"
+    );
+    assert!(
+        !refused(gateway.addr, &certs, 5).await,
+        "other addresses unaffected"
+    );
+    let stderr = gateway.stderr();
+    assert!(
+        stderr.contains("need a restart") && stderr.contains("log.level"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_file_changes_nothing() {
+    let certs = TestCerts::new();
+    let gateway = Process::gateway(&certs, "[access]\ndeny = [\"127.0.0.6/32\"]\n");
+    let mut open = Client::authed(gateway.addr, &certs).await;
+    assert!(refused(gateway.addr, &certs, 6).await);
+
+    // Lifts the deny, but also holds an invalid value: nothing of it may apply.
+    reload_with(
+        &gateway,
+        &certs,
+        "[limits]\nmax_connections = 0\n",
+        "failed",
+        1.0,
+    )
+    .await;
+    assert!(
+        refused(gateway.addr, &certs, 6).await,
+        "the deny still holds"
+    );
+    assert_eq!(
+        open.request_line("WHOAMI").await.split(' ').nth(1),
+        Some("identity=alice")
+    );
+    assert!(!refused(gateway.addr, &certs, 7).await);
+    let scrape = wait_for_sample(
+        gateway.admin,
+        "portcullis_config_reloads_total{result=\"failed\"}",
+        1.0,
+    )
+    .await;
+    assert_eq!(
+        sample(
+            &scrape,
+            "portcullis_config_reloads_total{result=\"failed\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(&scrape, "portcullis_config_reloads_total{result=\"ok\"}"),
+        0.0
+    );
+    let stderr = gateway.stderr();
+    assert!(
+        stderr.contains("reload failed") && stderr.contains("limits.max_connections"),
+        "{stderr}"
     );
 }

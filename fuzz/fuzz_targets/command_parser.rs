@@ -7,7 +7,7 @@
 
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
-use portcullis::auth::{token_digest_hex, AuthMethod, Principal, TokenStore};
+use portcullis::auth::{token_digest_hex, TokenStore};
 use portcullis::codec::Framing;
 use portcullis::command::{apply, Context, Request};
 use portcullis::config::{AuthMode, TokenEntry};
@@ -18,10 +18,7 @@ fuzz_target!(|data: &[u8]| {
         sha256: token_digest_hex("tok"),
     }])
     .unwrap();
-    let alice = Principal {
-        identity: "alice".into(),
-        method: AuthMethod::Token,
-    };
+    let alice = tokens.verify(b"tok").expect("alice's token");
     for mut principal in [None, Some(alice)] {
         let mut ctx = Context {
             principal: &mut principal,

@@ -65,7 +65,7 @@ pub struct Config {
     pub admin: AdminSection,
     pub log: LogSection,
     pub upstream: UpstreamSection,
-    /// The file this configuration was read from: reloads read its tokens again.
+    /// The file this configuration was read from: a reload reads it again.
     #[serde(skip)]
     pub source: Option<PathBuf>,
     /// `PORTCULLIS_*` variables that name no key: ignored, and reported once at start
@@ -73,6 +73,10 @@ pub struct Config {
     /// such variables themselves (Kubernetes service links: `PORTCULLIS_PORT`, …).
     #[serde(skip)]
     pub unknown_env: Vec<String>,
+    /// The command-line overrides it was loaded with: a reload applies them again, so a
+    /// flag keeps winning over the file.
+    #[serde(skip)]
+    pub flags: FlagOverrides,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -118,10 +122,14 @@ pub struct TlsSection {
     pub key: PathBuf,
     /// PEM CA bundle for client certificates; empty disables mTLS.
     pub client_ca: PathBuf,
+    /// Certificate revocation lists (PEM or DER) for client certificates: a revoked
+    /// certificate fails the handshake. Reloaded with the certificates.
+    pub client_crl: Vec<PathBuf>,
     pub min_version: TlsVersion,
     /// ALPN protocols offered, in preference order.
     pub alpn: Vec<String>,
-    /// When > 0, the certificate files are polled this often and reloaded when changed.
+    /// When > 0, the configuration file and the certificate files are polled this often and
+    /// the whole configuration is reloaded when one changed.
     #[serde(with = "humantime_serde")]
     pub reload_interval: Duration,
 }
@@ -139,6 +147,7 @@ impl Default for TlsSection {
             cert: "certs/server.pem".into(),
             key: "certs/server.key".into(),
             client_ca: PathBuf::new(),
+            client_crl: Vec::new(),
             min_version: TlsVersion::V1_2,
             alpn: Vec::new(),
             reload_interval: Duration::ZERO,
@@ -190,6 +199,10 @@ pub struct LimitsSection {
     pub max_write_buffer_bytes: usize,
     #[serde(with = "humantime_serde")]
     pub prune_interval: Duration,
+    /// Any connection is closed gracefully after this long, so that no credential outlives
+    /// its revocation by more than this; 0 means no limit.
+    #[serde(with = "humantime_serde")]
+    pub max_connection_lifetime: Duration,
 }
 
 impl Default for LimitsSection {
@@ -207,6 +220,7 @@ impl Default for LimitsSection {
             commands_burst: 200,
             max_write_buffer_bytes: 262144,
             prune_interval: Duration::from_secs(10),
+            max_connection_lifetime: Duration::ZERO,
         }
     }
 }
@@ -316,6 +330,11 @@ pub struct AdminSection {
     /// for its next request.
     #[serde(with = "humantime_serde")]
     pub header_timeout: Duration,
+    /// The SHA-256 (hex) of the bearer token the write endpoints (`/bans`) require; empty
+    /// turns them off (404).
+    pub token_sha256: String,
+    /// Bans the admin API may hold at once, so the list and its check stay small.
+    pub max_bans: usize,
 }
 
 impl Default for AdminSection {
@@ -325,6 +344,8 @@ impl Default for AdminSection {
             max_connections: 64,
             idle_timeout: Duration::from_secs(30),
             header_timeout: Duration::from_secs(5),
+            token_sha256: String::new(),
+            max_bans: 1024,
         }
     }
 }
@@ -420,7 +441,7 @@ impl ServerAddress {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UpstreamSection {
     /// The operator's own service: `host:port` (resolved at start) or `unix:/path`. Empty:
@@ -488,6 +509,7 @@ impl Config {
         let mut config =
             from_table(table, path.unwrap_or(Path::new("<defaults>"))).map_err(|e| env.blame(e))?;
         config.apply_flags(flags, &mut env);
+        config.flags = flags.clone();
         if let Some(dir) = path.and_then(Path::parent) {
             config.resolve_paths(dir);
         }
@@ -551,7 +573,10 @@ impl Config {
             &mut self.tls.cert,
             &mut self.tls.key,
             &mut self.tls.client_ca,
-        ] {
+        ]
+        .into_iter()
+        .chain(&mut self.tls.client_crl)
+        {
             if !path.as_os_str().is_empty() && path.is_relative() {
                 *path = dir.join(&*path);
             }

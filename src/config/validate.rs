@@ -43,6 +43,7 @@ impl Config {
         self.validate_limits()?;
         self.validate_auth()?;
         self.validate_upstream()?;
+        self.validate_admin()?;
         if self.proxy_protocol.max_v2_bytes > 65535 {
             return Err(ConfigError::key(
                 "proxy_protocol.max_v2_bytes",
@@ -118,6 +119,7 @@ impl Config {
             ("tls.reload_interval", self.tls.reload_interval),
             ("auth.ban_duration", a.ban_duration),
             ("upstream.health_interval", self.upstream.health_interval),
+            ("limits.max_connection_lifetime", l.max_connection_lifetime),
         ];
         let positive = [
             ("server.drain_timeout", self.server.drain_timeout),
@@ -193,6 +195,20 @@ impl Config {
         Ok(())
     }
 
+    fn validate_admin(&self) -> Result<(), ConfigError> {
+        let digest = &self.admin.token_sha256;
+        if !digest.is_empty() && (digest.len() != 64 || hex::decode(digest).is_err()) {
+            return Err(ConfigError::key(
+                "admin.token_sha256",
+                "must be empty or 64 hex characters (the token's SHA-256)",
+            ));
+        }
+        if self.admin.max_bans == 0 {
+            return Err(ConfigError::key("admin.max_bans", "must be greater than 0"));
+        }
+        Ok(())
+    }
+
     fn validate_auth(&self) -> Result<(), ConfigError> {
         let a = &self.auth;
         if a.max_failures > MAX_FAILURES {
@@ -205,6 +221,12 @@ impl Config {
             return Err(ConfigError::key(
                 "auth.mode",
                 "\"mtls\" needs tls.client_ca",
+            ));
+        }
+        if !self.tls.client_crl.is_empty() && self.tls.client_ca().is_none() {
+            return Err(ConfigError::key(
+                "tls.client_crl",
+                "needs tls.client_ca (CRLs revoke client certificates)",
             ));
         }
         if a.require_client_cert && self.tls.client_ca().is_none() {

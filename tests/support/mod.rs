@@ -267,6 +267,16 @@ impl Client {
         }
     }
 
+    /// Asserts that the gateway ends the connection gracefully: close_notify (a clean EOF
+    /// through TLS) with nothing sent before it.
+    pub async fn expect_close_notify(&mut self) {
+        match self.fill().await {
+            Ok(0) => {}
+            Ok(_) => panic!("expected close_notify, got more bytes: {:?}", self.buf),
+            Err(e) => panic!("expected close_notify, got an error: {e}"),
+        }
+    }
+
     /// True when the connection is closed (as opposed to more data).
     pub async fn is_closed(&mut self) -> bool {
         matches!(self.fill().await, Ok(0) | Err(_))
@@ -517,6 +527,27 @@ pub async fn wait_active(gateway: &Gateway, n: usize) {
     }
     // The rest of admission follows in the same poll of the connection's task.
     tokio::time::sleep(Duration::from_millis(20)).await;
+}
+
+/// Scrapes the admin `/metrics` of a gateway until `series` reaches `at_least` (a reload
+/// or close has been counted), and returns that scrape; panics after 5 s.
+pub async fn wait_for_sample(admin: SocketAddr, series: &str, at_least: f64) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let scrape = tokio::task::spawn_blocking(move || http_get(admin, "/metrics"))
+            .await
+            .expect("scrape task")
+            .map(|(_, body)| body)
+            .unwrap_or_default();
+        if sample(&scrape, series) >= at_least {
+            return scrape;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{series} did not reach {at_least}: {scrape}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// The loopback source address 127.0.0.`last`, to test per-address limits.
