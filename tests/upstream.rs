@@ -402,3 +402,369 @@ fn check_config_validates_and_resolves_the_upstream() {
         assert!(stderr.contains(named), "{extra}: {stderr}");
     }
 }
+
+/// An example's binary. `cargo test` builds the examples next to the test binaries; a
+/// selective run (`--test upstream`) does not, so then it is built here once.
+fn example_binary(name: &str) -> std::path::PathBuf {
+    let deps = std::env::current_exe().unwrap();
+    let exe = deps
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join(name);
+    if !exe.exists() {
+        let status = std::process::Command::new(env!("CARGO"))
+            .args(["build", "--quiet", "--locked", "--example", name])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("cargo build --example");
+        assert!(status.success());
+    }
+    exe
+}
+
+/// Polls `/readyz` until it answers `status` (fails after 10 s).
+async fn wait_ready(gateway: &Process, status: u16) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = http_get(gateway.admin, "/readyz").map(|r| r.0).unwrap_or(0);
+        if got == status {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "/readyz stayed {got}, wanted {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn health_checks_follow_rise_and_fall_and_drive_readyz() {
+    let certs = TestCerts::new();
+    let port = support::free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let extra = "[upstream]\nservers = [\"127.0.0.1:PORT\"]\nhealth_interval = \"100ms\"\n\
+                 connect_timeout = \"500ms\"\nrise = 2\nfall = 2\n"
+        .replace("PORT", &port.to_string());
+    // Down at start: the first checks fail and the server falls.
+    let gateway = Process::gateway(&certs, &extra);
+    let up_series = format!("portcullis_upstream_server_up{{server=\"{addr}\"}}");
+    wait_ready(&gateway, 503).await;
+    assert_eq!(sample(&scrape(&gateway), &up_series), 0.0);
+    let mut client = Client::connect(gateway.addr, &certs).await;
+    assert_eq!(
+        client.request_line(&format!("AUTH {ALICE_TOKEN}")).await,
+        "OK alice"
+    );
+    assert!(client
+        .read_line()
+        .await
+        .starts_with("ERR UPSTREAM_UNAVAILABLE"));
+    client.expect_closed().await;
+
+    // It comes up: checks connect and send a LOCAL header; after `rise` it is up.
+    let mut upstream = MockUpstream::start_on(addr).await;
+    let mut check = upstream.next().await;
+    let header = check.read_header().await;
+    assert!(header.local, "a health check says LOCAL");
+    assert_eq!(check.read_frame().await, None, "and closes");
+    wait_ready(&gateway, 200).await;
+    assert_eq!(sample(&scrape(&gateway), &up_series), 1.0);
+
+    // It goes away: after `fall` failed checks it is down again.
+    drop(upstream);
+    wait_ready(&gateway, 503).await;
+    assert_eq!(sample(&scrape(&gateway), &up_series), 0.0);
+}
+
+#[tokio::test]
+async fn an_upstream_failing_mid_connection_closes_the_client_and_is_counted() {
+    let certs = TestCerts::new();
+    let mut upstream = MockUpstream::start().await;
+    let gateway = Process::gateway(&certs, &upstream_config(&[upstream.addr], ""));
+    let mut client = Client::authed(gateway.addr, &certs).await;
+    let mut conn = upstream.next().await;
+    conn.read_header().await;
+    conn.write_frame(b"before the reset").await;
+    assert_eq!(client.read_line().await, "before the reset");
+    conn.stream.set_zero_linger().unwrap();
+    drop(conn); // a reset
+    client.expect_closed().await;
+    let metrics = scrape(&gateway);
+    assert_eq!(
+        sample(
+            &metrics,
+            "portcullis_upstream_errors_total{reason=\"reset\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "portcullis_connections_closed_total{reason=\"upstream_error\"}"
+        ),
+        1.0
+    );
+}
+
+/// Waits until `upstreams` together have accepted `n` connections; their counts.
+async fn accepted(upstreams: [&MockUpstream; 2], n: usize) -> [usize; 2] {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let counts = upstreams.map(MockUpstream::accepts);
+        if counts[0] + counts[1] >= n || std::time::Instant::now() > deadline {
+            return counts;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn balance_spreads_connections_as_named() {
+    let certs = TestCerts::new();
+    let a = MockUpstream::start().await;
+    let b = MockUpstream::start().await;
+    let rr = Process::gateway(
+        &certs,
+        &upstream_config(&[a.addr, b.addr], "balance = \"round_robin\"\n"),
+    );
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(Client::authed(rr.addr, &certs).await);
+    }
+    assert_eq!(
+        accepted([&a, &b], 4).await,
+        [2, 2],
+        "round_robin alternates"
+    );
+    drop(held);
+    drop(rr);
+
+    // least_conn: each new connection goes to the server holding fewer.
+    let a = MockUpstream::start().await;
+    let b = MockUpstream::start().await;
+    let lc = Process::gateway(&certs, &upstream_config(&[a.addr, b.addr], ""));
+    let first = Client::authed(lc.addr, &certs).await;
+    let after_first = accepted([&a, &b], 1).await;
+    let _second = Client::authed(lc.addr, &certs).await;
+    assert_eq!(accepted([&a, &b], 2).await, [1, 1], "the emptier server");
+    drop(first);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while sample(&scrape(&lc), "portcullis_upstream_connections_active") != 1.0 {
+        assert!(std::time::Instant::now() < deadline, "first not closed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _third = Client::authed(lc.addr, &certs).await;
+    let after_third = accepted([&a, &b], 3).await;
+    let expected = after_first.map(|n| n + 1);
+    assert_eq!(after_third, expected, "the server the first one left");
+}
+
+#[tokio::test]
+async fn the_example_upstream_sees_the_identity_and_answers_each_frame() {
+    let exe = example_binary("upstream_echo");
+    let mut echo = std::process::Command::new(exe)
+        .arg("127.0.0.1:0")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start upstream_echo");
+    let stdout = echo.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let first = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("listening line");
+    let addr: SocketAddr = first.rsplit(' ').next().unwrap().parse().unwrap();
+
+    let certs = TestCerts::new();
+    let gateway = Process::gateway(&certs, &upstream_config(&[addr], ""));
+    let mut client = Client::authed(gateway.addr, &certs).await;
+    assert_eq!(client.request_line("hello").await, "alice: hello");
+    assert_eq!(
+        client.request_line("ECHO two words").await,
+        "alice: ECHO two words"
+    );
+    let logged = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("client line");
+    let me = client_addr(&client);
+    assert!(
+        logged.starts_with(&format!(
+            "client {me} identity=alice method=token framing=text"
+        )),
+        "{logged}"
+    );
+    let mut cert_client = Client::connect_with(gateway.addr, &certs, mtls(&certs))
+        .await
+        .unwrap();
+    assert_eq!(
+        cert_client.request_frame(b"\0hi").await,
+        b"dev-client: \0hi"
+    );
+    let _ = echo.kill();
+    let _ = echo.wait();
+}
+
+/// `len` pseudo-random bytes (every byte value occurs).
+fn noise(len: usize, seed: u32) -> Vec<u8> {
+    let mut x = seed;
+    (0..len)
+        .map(|_| {
+            x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_mode_relays_10_mib_each_way_byte_exact_and_passes_half_closes_on() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let certs = TestCerts::new();
+    let mut upstream = MockUpstream::start().await;
+    let gateway = Process::gateway(
+        &certs,
+        &upstream_config(&[upstream.addr], "mode = \"stream\"\n"),
+    );
+    // A token client: one AUTH line, then raw bytes. The client half-closes first.
+    let mut client = Client::connect(gateway.addr, &certs).await;
+    assert_eq!(
+        client.request_line(&format!("AUTH {ALICE_TOKEN}")).await,
+        "OK alice"
+    );
+    let mut conn = upstream.next().await;
+    let header = conn.read_header().await;
+    assert_eq!(header.tlv_str(0xE1), "token");
+    let up = noise(10 << 20, 1);
+    let down = noise(10 << 20, 2);
+    let (mut client_rd, mut client_wr) = tokio::io::split(client.stream);
+    let sending = async {
+        client_wr.write_all(&up).await.unwrap();
+        client_wr.shutdown().await.unwrap(); // close_notify: the client is done sending
+    };
+    let upstream_side = async {
+        let got = conn.read_bytes(up.len() + 1).await;
+        assert!(got == up, "client → upstream differs ({} bytes)", got.len());
+        // The client's half-close reached the upstream; the other way is still open.
+        conn.stream.write_all(&down).await.unwrap();
+        conn.stream.shutdown().await.unwrap();
+    };
+    let receiving = async {
+        let mut got = Vec::new();
+        client_rd.read_to_end(&mut got).await.unwrap();
+        assert!(
+            got == down,
+            "upstream → client differs ({} bytes)",
+            got.len()
+        );
+    };
+    tokio::join!(sending, upstream_side, receiving);
+
+    // An mTLS client is connected right after its handshake; the upstream half-closes first.
+    let mut client = Client::connect_with(gateway.addr, &certs, mtls(&certs))
+        .await
+        .unwrap();
+    let mut conn = upstream.next().await;
+    assert_eq!(conn.read_header().await.tlv_str(0xE1), "mtls");
+    conn.stream.write_all(b"bye from upstream").await.unwrap();
+    conn.stream.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    client.stream.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, b"bye from upstream");
+    client.stream.write_all(b"late words").await.unwrap();
+    client.stream.shutdown().await.unwrap();
+    assert_eq!(conn.read_bytes(100).await, b"late words");
+    let metrics = scrape(&gateway);
+    assert_eq!(
+        sample(
+            &metrics,
+            "portcullis_upstream_bytes_total{direction=\"to_upstream\"}"
+        ),
+        (up.len() + 10) as f64
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buffers_stay_bounded_against_a_flooding_upstream_and_a_flooding_client() {
+    use tokio::io::AsyncWriteExt;
+    const FLOOD: usize = 256 << 20;
+    const BOUND: usize = 64 << 20;
+    let certs = TestCerts::new();
+    let mut upstream = MockUpstream::start().await;
+    // A command rate high enough that every line of the flood is forwarded, not refused.
+    let extra = "[limits]\ncommands_per_second = 10000000\ncommands_burst = 10000000\n";
+    let gateway = Process::gateway(&certs, &upstream_config(&[upstream.addr], extra));
+    // The upstream floods a client that reads nothing: its writes must stall.
+    let mut client = Client::authed(gateway.addr, &certs).await;
+    let mut conn = upstream.next().await;
+    conn.read_header().await;
+    let chunk = support::frame(&[b'x'; 60_000]);
+    let mut written = 0;
+    while written < FLOOD {
+        let write = conn.stream.write_all(&chunk);
+        match tokio::time::timeout(Duration::from_secs(2), write).await {
+            Ok(result) => result.unwrap(),
+            Err(_) => break, // stalled: the gateway stopped reading
+        }
+        written += chunk.len();
+    }
+    assert!(written < BOUND, "the gateway read {written} bytes ahead");
+    // Nothing was lost: the client gets every message, in order, once it reads.
+    let messages = written / chunk.len();
+    for _ in 0..messages.min(50) {
+        assert_eq!(client.read_line().await.len(), 60_000);
+    }
+
+    // A client floods an upstream that reads nothing: the client's writes must stall.
+    let mut client = Client::authed(gateway.addr, &certs).await;
+    let mut conn = upstream.next().await;
+    conn.read_header().await;
+    let line = format!("{}\n", "y".repeat(4000));
+    let mut written = 0;
+    while written < FLOOD {
+        let write = client.stream.write_all(line.as_bytes());
+        match tokio::time::timeout(Duration::from_secs(2), write).await {
+            Ok(result) => result.unwrap(),
+            Err(_) => break,
+        }
+        written += line.len();
+    }
+    assert!(written < BOUND, "the gateway read {written} bytes ahead");
+    assert_eq!(conn.read_frame().await.unwrap().len(), 4000);
+}
+
+#[tokio::test]
+async fn sigterm_leaves_relayed_connections_to_finish() {
+    let certs = TestCerts::new();
+    let mut upstream = MockUpstream::start().await;
+    let mut gateway = Process::gateway(&certs, &upstream_config(&[upstream.addr], ""));
+    let mut client = Client::authed(gateway.addr, &certs).await;
+    let mut conn = upstream.next().await;
+    conn.read_header().await;
+    gateway.signal(libc::SIGTERM);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Draining: the relayed connection goes on, both ways.
+    client.send_line("during the drain").await;
+    assert_eq!(conn.read_frame().await.unwrap(), b"during the drain");
+    conn.write_frame(b"still here").await;
+    assert_eq!(client.read_line().await, "still here");
+    drop(conn);
+    client.expect_closed().await;
+    let started = std::time::Instant::now();
+    let status = gateway.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "exited once the connection finished, before drain_timeout"
+    );
+}
