@@ -18,7 +18,8 @@
 //!    the requests behind the NOAUTH gate, or, when `[upstream] servers` are configured,
 //!    [`upstream`] relays the authenticated connection to the operator's own service (the
 //!    choice is [`gateway::Service`]).
-//! 6. [`metrics`] names every metric and writes the rate-limited security log; [`admin`]
+//! 6. [`metrics`] names every metric and writes the rate-limited security log ([`logging`]
+//!    holds every other line a peer can cause, libraries' included, to the same limit); [`admin`]
 //!    serves `/metrics`, `/healthz` and `/readyz`; [`error`] holds the closed sets that
 //!    become labels.
 //!
@@ -39,6 +40,7 @@ pub mod deadline;
 pub mod error;
 pub mod gateway;
 pub mod handshake;
+pub mod logging;
 pub mod metrics;
 pub mod proxy_protocol;
 pub mod reload;

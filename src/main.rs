@@ -279,18 +279,25 @@ fn serve(explicit: Option<PathBuf>, flags: &FlagOverrides) -> anyhow::Result<Exi
     Ok(ExitCode::SUCCESS)
 }
 
+/// Logs to stderr in the configured format, every line a peer can cause rate-limited
+/// ([`portcullis::logging::LineLimit`]), `log` records of the libraries (rustls) included.
 fn init_logging(config: &Config) {
+    use std::io::IsTerminal;
+    use tracing_subscriber::prelude::*;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&config.log.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let format = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
-    match config.log.format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
+    let format = match config.log.format {
+        LogFormat::Json => format.json().boxed(),
+        LogFormat::Text => format.boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(portcullis::logging::LineLimit)
+        .with(format)
+        .init();
 }

@@ -64,8 +64,9 @@ const COMMAND_BUCKETS: &[f64] = &[
 const CONNECT_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 ];
-/// At most this many WARN lines per second per security-event kind.
-const EVENT_LINES_PER_SECOND: u32 = 10;
+/// At most this many log lines per second per kind (a security-event kind, or one line of
+/// code in a library); the rest are summed up in one "suppressed" line (SPEC 9).
+pub(crate) const LOG_LINES_PER_SECOND: u32 = 10;
 
 /// The result of a TLS handshake, as labelled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -459,7 +460,7 @@ pub fn config_reload(ok: bool) {
 }
 
 /// A refusal or sign of abuse: counted by kind, and logged as one WARN line with the client
-/// key, at most [`EVENT_LINES_PER_SECOND`] per kind; the lines held back are summed up in
+/// key, at most [`LOG_LINES_PER_SECOND`] per kind; the lines held back are summed up in
 /// one line when the second is over (see [`flush_security_log`]).
 pub fn security_event(event: SecurityEvent, ip: IpAddr, reason: &'static str) {
     counter!(SECURITY_EVENTS, "kind" => event.as_str()).increment(1);
@@ -477,24 +478,13 @@ static EVENT_LOG: EventLog = EventLog::new();
 
 /// Per-kind one-second windows of security-event log lines.
 struct EventLog {
-    windows: [Mutex<Window>; SecurityEvent::COUNT],
-}
-
-#[derive(Clone, Copy)]
-struct Window {
-    started: Option<Instant>,
-    logged: u32,
-    suppressed: u64,
+    windows: [Mutex<LineWindow>; SecurityEvent::COUNT],
 }
 
 impl EventLog {
     const fn new() -> Self {
         #[allow(clippy::declare_interior_mutable_const)] // a template, copied into each slot
-        const EMPTY: Mutex<Window> = Mutex::new(Window {
-            started: None,
-            logged: 0,
-            suppressed: 0,
-        });
+        const EMPTY: Mutex<LineWindow> = Mutex::new(LineWindow::new());
         EventLog {
             windows: [EMPTY; SecurityEvent::COUNT],
         }
@@ -505,24 +495,9 @@ impl EventLog {
         let Ok(mut window) = self.windows[event.index()].lock() else {
             return false;
         };
-        if window
-            .started
-            .is_none_or(|s| now.duration_since(s) >= Duration::from_secs(1))
-        {
-            report_suppressed(event, window.suppressed);
-            *window = Window {
-                started: Some(now),
-                logged: 0,
-                suppressed: 0,
-            };
-        }
-        if window.logged < EVENT_LINES_PER_SECOND {
-            window.logged += 1;
-            true
-        } else {
-            window.suppressed += 1;
-            false
-        }
+        let (admitted, held_back) = window.admit(now);
+        report_suppressed(event, held_back);
+        admitted
     }
 
     fn flush(&self, now: Instant) {
@@ -530,14 +505,63 @@ impl EventLog {
             let Ok(mut window) = self.windows[event.index()].lock() else {
                 continue;
             };
-            if window
-                .started
-                .is_some_and(|s| now.duration_since(s) >= Duration::from_secs(1))
-            {
-                report_suppressed(event, window.suppressed);
-                window.suppressed = 0;
-                window.started = None;
+            report_suppressed(event, window.take_expired(now));
+        }
+    }
+}
+
+/// One kind of log line's one-second window: at most [`LOG_LINES_PER_SECOND`] lines are
+/// written, the rest only counted, to be summed up in one line when the window is over.
+/// The security-event log and the limit on library lines ([`crate::logging`]) share it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LineWindow {
+    started: Option<Instant>,
+    logged: u32,
+    suppressed: u64,
+}
+
+impl LineWindow {
+    pub(crate) const fn new() -> Self {
+        LineWindow {
+            started: None,
+            logged: 0,
+            suppressed: 0,
+        }
+    }
+
+    /// Whether a line may be written at `now`, and how many lines the window that ended
+    /// before it held back (0 when none ended): the caller reports those.
+    pub(crate) fn admit(&mut self, now: Instant) -> (bool, u64) {
+        let mut held_back = 0;
+        if self
+            .started
+            .is_none_or(|s| now.saturating_duration_since(s) >= Duration::from_secs(1))
+        {
+            held_back = self.suppressed;
+            *self = LineWindow {
+                started: Some(now),
+                logged: 0,
+                suppressed: 0,
+            };
+        }
+        if self.logged < LOG_LINES_PER_SECOND {
+            self.logged += 1;
+            (true, held_back)
+        } else {
+            self.suppressed += 1;
+            (false, held_back)
+        }
+    }
+
+    /// The lines held back by a window that is over at `now` (which then closes), else 0.
+    pub(crate) fn take_expired(&mut self, now: Instant) -> u64 {
+        match self.started {
+            Some(s) if now.saturating_duration_since(s) >= Duration::from_secs(1) => {
+                let held_back = self.suppressed;
+                *self = LineWindow::new();
+                held_back
             }
+            _ => 0,
         }
     }
 }
@@ -563,7 +587,7 @@ mod tests {
         let admitted = (0..1000)
             .filter(|_| log.admit(SecurityEvent::AuthFailed, t0))
             .count();
-        assert_eq!(admitted, EVENT_LINES_PER_SECOND as usize);
+        assert_eq!(admitted, LOG_LINES_PER_SECOND as usize);
         assert!(
             log.admit(SecurityEvent::OversizeLine, t0),
             "kinds are limited separately"

@@ -148,6 +148,7 @@ async fn background(
             tokio::select! {
                 _ = tick.tick() => {
                     crate::metrics::flush_security_log();
+                    crate::logging::flush_suppressed();
                     metrics.run_upkeep();
                 }
                 _ = stop.cancelled() => return,
