@@ -3,12 +3,14 @@
 //! Everything here is keyed by the *client key*: the client's IPv4 address, or its IPv6
 //! address masked to `ipv6_prefix`, so that one host cannot escape its limits by rotating
 //! addresses inside its own prefix. The checks run in the SPEC's order — global cap, then
-//! access lists, ban list, per-key rate and per-key concurrency, then handshake capacity —
-//! and each costs a few map lookups: a refused peer costs an accept and a close.
+//! access lists, ban list, per-key rate and per-key concurrency, then, once the client's
+//! first byte arrives, handshake capacity — and each costs a few map lookups: a refused peer
+//! costs an accept and a close.
 //!
 //! [`Admission::admit_client`] is the one place a client address is admitted; it can be
 //! called with the address a trusted PROXY header carries. [`Admission::still_admitted`]
 //! asks the same of an open connection after a reload changed the rules.
+//! [`Admission::handshake_slot`] is the one place a handshake is admitted.
 //!
 //! The limits and lists are swapped whole by a reload ([`Admission::reconfigure`]) while the
 //! per-key state (open connections, bans, failures) stays: a reload never lets a banned key
@@ -90,6 +92,8 @@ impl FailureLog {
 /// The open connections of one key.
 struct KeyEntry {
     connections: usize,
+    /// Of those, the ones between their first byte and the end of their TLS handshake.
+    handshakes: usize,
     /// Cancelled when the key is banned: its open connections close.
     banned: CancellationToken,
 }
@@ -102,6 +106,8 @@ struct Rules {
     /// `max_connections`, checked against the exact count of held connections.
     max_connections: usize,
     max_per_key: usize,
+    /// `max_handshakes_per_ip`: handshakes in flight per key, counted in [`KeyEntry`].
+    max_handshakes_per_key: usize,
     max_failures: u32,
     failure_window: Duration,
     ban_duration: Duration,
@@ -117,6 +123,7 @@ impl Rules {
             ipv6_prefix: l.ipv6_prefix,
             max_connections: l.max_connections,
             max_per_key: l.max_connections_per_ip,
+            max_handshakes_per_key: l.max_handshakes_per_ip,
             max_failures: a.max_failures,
             failure_window: a.failure_window,
             ban_duration: a.ban_duration,
@@ -153,7 +160,8 @@ pub struct Admission {
     /// Connections currently held, exact across every exit path (the guard's `Drop`); the
     /// global cap is checked against it.
     active: Arc<AtomicUsize>,
-    /// `max_handshakes_in_flight`: a permit is held for the handshake only.
+    /// `max_handshakes_in_flight`: a permit is taken at a connection's first byte and held
+    /// until its handshake ends. Waited for, in arrival order (tokio's semaphore is fair).
     handshakes: Arc<Semaphore>,
     /// The number of permits `handshakes` is meant to hold, for resizing it on reload.
     handshake_slots: Mutex<usize>,
@@ -194,6 +202,28 @@ impl Drop for ClientGuard {
             entry.connections -= 1;
             entry.connections == 0
         });
+    }
+}
+
+/// A handshake in flight: its key's place among `max_handshakes_per_ip` and, once
+/// [`Admission::handshake_slot`] is done, a place among `max_handshakes_in_flight`. Both are
+/// given back on drop: when the handshake ends, times out or its task is cancelled.
+pub struct HandshakeSlot {
+    _key: KeyHandshake,
+    _global: OwnedSemaphorePermit,
+}
+
+/// A key's place among `max_handshakes_per_ip`.
+struct KeyHandshake {
+    key: IpAddr,
+    per_key: Arc<DashMap<IpAddr, KeyEntry>>,
+}
+
+impl Drop for KeyHandshake {
+    fn drop(&mut self) {
+        if let Some(mut entry) = self.per_key.get_mut(&self.key) {
+            entry.handshakes = entry.handshakes.saturating_sub(1);
+        }
     }
 }
 
@@ -286,6 +316,7 @@ impl Admission {
         }
         let mut entry = self.per_key.entry(key).or_insert_with(|| KeyEntry {
             connections: 0,
+            handshakes: 0,
             banned: CancellationToken::new(),
         });
         if entry.connections >= rules.max_per_key {
@@ -316,12 +347,49 @@ impl Admission {
         Ok(())
     }
 
-    /// A place among `max_handshakes_in_flight`, held until the handshake ends.
-    pub fn admit_handshake(&self) -> Result<OwnedSemaphorePermit, RejectReason> {
-        self.handshakes
+    /// A handshake slot for a client whose first byte has arrived (a silent connection holds
+    /// none, so silence cannot hoard them). Its key's place among `max_handshakes_per_ip` is
+    /// taken at once, or the connection is refused; then a place among
+    /// `max_handshakes_in_flight` is waited for rather than refused, so a full pool delays a
+    /// handshake instead of resetting it. The caller bounds the wait (`handshake_timeout`);
+    /// a wait cut short gives the key's place back.
+    pub async fn handshake_slot(
+        &self,
+        client: &ClientGuard,
+    ) -> Result<HandshakeSlot, RejectReason> {
+        let key = {
+            let max = self.rules.load().max_handshakes_per_key;
+            let mut entry = self
+                .per_key
+                .get_mut(&client.key)
+                .ok_or(RejectReason::HandshakeCapacity)?;
+            if entry.handshakes >= max {
+                return Err(RejectReason::HandshakeCapacity);
+            }
+            entry.handshakes += 1;
+            KeyHandshake {
+                key: client.key,
+                per_key: self.per_key.clone(),
+            }
+        };
+        // The semaphore is never closed, so the wait ends only with a permit (or with the
+        // caller's deadline).
+        let global = self
+            .handshakes
             .clone()
-            .try_acquire_owned()
-            .map_err(|_| RejectReason::HandshakeCapacity)
+            .acquire_owned()
+            .await
+            .map_err(|_| RejectReason::HandshakeCapacity)?;
+        Ok(HandshakeSlot {
+            _key: key,
+            _global: global,
+        })
+    }
+
+    /// Places of `max_handshakes_in_flight` currently taken.
+    pub fn handshakes_in_flight(&self) -> usize {
+        let slots = self.handshake_slots.lock().map_or(0, |slots| *slots);
+        slots.saturating_sub(self.handshakes.available_permits())
     }
 
     fn is_banned(&self, key: IpAddr) -> bool {
@@ -599,28 +667,74 @@ mod tests {
         assert!(adm.admit_client(ip("192.0.2.1")).is_ok());
     }
 
+    /// A handshake slot for `client` if one is free right now, else `None` (it would wait).
+    async fn slot_now(adm: &Admission, client: &ClientGuard) -> Option<HandshakeSlot> {
+        let slot = tokio::time::timeout(Duration::ZERO, adm.handshake_slot(client)).await;
+        slot.ok().map(|r| r.expect("not refused per key"))
+    }
+
     #[tokio::test]
     async fn handshake_slots_resize_with_held_permits() {
         let adm = admission(|c| c.limits.max_handshakes_in_flight = 2);
-        let a = adm.admit_handshake().unwrap();
-        let b = adm.admit_handshake().unwrap();
+        let clients: Vec<_> = (1..=4)
+            .map(|i| adm.admit_client(ip(&format!("192.0.2.{i}"))).unwrap())
+            .collect();
+        let a = slot_now(&adm, &clients[0]).await.unwrap();
+        let b = slot_now(&adm, &clients[1]).await.unwrap();
         let mut config = Config::default();
         config.limits.max_handshakes_in_flight = 1;
         adm.reconfigure(&config);
         drop((a, b));
         // The permit still owed is taken by a background task as soon as one is free.
         tokio::task::yield_now().await;
-        let only = adm.admit_handshake().unwrap();
-        assert_eq!(
-            adm.admit_handshake().err(),
-            Some(RejectReason::HandshakeCapacity)
-        );
+        let only = slot_now(&adm, &clients[0]).await.unwrap();
+        assert!(slot_now(&adm, &clients[1]).await.is_none());
         drop(only);
         config.limits.max_handshakes_in_flight = 3;
         adm.reconfigure(&config);
-        let held: Vec<_> = (0..3).map(|_| adm.admit_handshake().unwrap()).collect();
-        assert_eq!(held.len(), 3);
-        assert!(adm.admit_handshake().is_err());
+        let mut held = Vec::new();
+        for client in &clients[..3] {
+            held.push(slot_now(&adm, client).await.unwrap());
+        }
+        assert_eq!(adm.handshakes_in_flight(), 3);
+        assert!(slot_now(&adm, &clients[3]).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn handshake_slots_are_refused_per_key_and_waited_for_globally() {
+        let adm = admission(|c| {
+            c.limits.max_handshakes_in_flight = 2;
+            c.limits.max_handshakes_per_ip = 1;
+        });
+        let a = adm.admit_client(ip("192.0.2.1")).unwrap();
+        let a2 = adm.admit_client(ip("192.0.2.1")).unwrap();
+        let b = adm.admit_client(ip("192.0.2.2")).unwrap();
+        let c = adm.admit_client(ip("192.0.2.3")).unwrap();
+        let slot_a = adm.handshake_slot(&a).await.unwrap();
+        assert_eq!(
+            adm.handshake_slot(&a2).await.err(),
+            Some(RejectReason::HandshakeCapacity),
+            "one handshake in flight per key"
+        );
+        let _slot_b = adm.handshake_slot(&b).await.unwrap();
+        assert_eq!(adm.handshakes_in_flight(), 2);
+        // The pool is full: another key waits instead of being refused...
+        let waited = tokio::time::timeout(Duration::from_millis(50), adm.handshake_slot(&c)).await;
+        assert!(waited.is_err(), "waits while the pool is full");
+        // ...and gets the place a finished handshake gives back.
+        let waiting = adm.handshake_slot(&c);
+        drop(slot_a);
+        let _slot_c = tokio::time::timeout(Duration::from_secs(1), waiting)
+            .await
+            .expect("a freed place is handed on")
+            .unwrap();
+        // (The cancelled wait above gave c's key place back, else c would have been refused.)
+        assert_eq!(adm.handshakes_in_flight(), 2);
+        // a's handshake ended, so its key's place is free: a2 now waits for a global place
+        // rather than being refused.
+        let a2_waits =
+            tokio::time::timeout(Duration::from_millis(50), adm.handshake_slot(&a2)).await;
+        assert!(a2_waits.is_err());
     }
 
     #[test]

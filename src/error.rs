@@ -17,7 +17,7 @@ pub enum RejectReason {
     PerIpCap,
     /// The gateway already holds `max_connections` connections.
     MaxConnections,
-    /// `max_handshakes_in_flight` handshakes are already running.
+    /// The client key already has `max_handshakes_per_ip` handshakes in flight.
     HandshakeCapacity,
     /// `proxy_protocol.mode = "required"` and no header came.
     ProxyRequired,

@@ -13,7 +13,6 @@ use bytes::{Buf, BytesMut};
 use governor::{DefaultDirectRateLimiter, RateLimiter};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{timeout, Instant};
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
@@ -26,7 +25,7 @@ use crate::config::{AuthMode, Config, UpstreamMode};
 use crate::deadline;
 use crate::error::{CloseReason, ErrorCode, RejectReason, SecurityEvent, UpstreamError};
 use crate::gateway::Gateway;
-use crate::handshake::{handshake, version_label};
+use crate::handshake::{handshake, version_label, HandshakeError};
 use crate::metrics::{self, Direction};
 use crate::proxy_protocol::{Outcome, Rewind};
 use crate::upstream::{stream, ClientInfo, Link, LinkEvent, Upstream};
@@ -58,7 +57,6 @@ pub struct Accepted {
 struct AdmittedClient {
     ip: IpAddr,
     guard: ClientGuard,
-    handshake: OwnedSemaphorePermit,
 }
 
 /// Runs in the accept loop, before any task exists: the global cap and, for a peer that is
@@ -101,15 +99,11 @@ pub fn accept(stream: TcpStream, peer: SocketAddr, gateway: &Gateway) -> Option<
     })
 }
 
-/// Access lists, ban, per-client rate and concurrency, then a handshake slot.
+/// Access lists, ban, per-client rate and concurrency. The handshake slot comes later, with
+/// the client's first byte ([`crate::handshake`]).
 fn admit_client(ip: IpAddr, gateway: &Gateway) -> Result<AdmittedClient, RejectReason> {
     let guard = gateway.admission.admit_client(ip)?;
-    let handshake = gateway.admission.admit_handshake()?;
-    Ok(AdmittedClient {
-        ip,
-        guard,
-        handshake,
-    })
+    Ok(AdmittedClient { ip, guard })
 }
 
 /// Serves an accepted connection until it closes.
@@ -144,10 +138,11 @@ pub async fn run(accepted: Accepted, gateway: Arc<Gateway>) {
         }
     };
     let ip = client.ip;
-    let banned = &client.guard.banned;
-    let reason = serve(io, ip, client.handshake, banned, rules_changed, &gateway).await;
-    metrics::connection_closed(reason);
-    tracing::debug!(%ip, reason = reason.as_str(), "connection closed");
+    // None: refused at its first byte, counted as a rejection rather than a close.
+    if let Some(reason) = serve(io, ip, &client.guard, rules_changed, &gateway).await {
+        metrics::connection_closed(reason);
+        tracing::debug!(%ip, reason = reason.as_str(), "connection closed");
+    }
 }
 
 /// Closes a refused connection at once, with a reset (no TIME_WAIT left on the gateway),
@@ -157,14 +152,15 @@ fn refuse(stream: &TcpStream, ip: IpAddr, reason: RejectReason) {
     let _ = stream.set_zero_linger();
 }
 
+/// The handshake, then the session, until the connection closes; `None` when it was refused
+/// at its first byte (over `max_handshakes_per_ip`).
 async fn serve(
     stream: Rewind,
     ip: IpAddr,
-    handshake_permit: OwnedSemaphorePermit,
-    banned: &CancellationToken,
+    client: &ClientGuard,
     rules_changed: CancellationToken,
     gateway: &Gateway,
-) -> CloseReason {
+) -> Option<CloseReason> {
     let started = Instant::now();
     let config = gateway.config();
     // What the upstream is told: the client address and the address it connected to.
@@ -172,11 +168,14 @@ async fn serve(
     let port = tcp.peer_addr().map_or(0, |a| a.port());
     let local = tcp.local_addr().unwrap_or(config.server.listen);
     // Boxed: its state is needed only until the handshake ends, not for the connection's life.
-    let handshake = Box::pin(handshake(stream, ip, gateway)).await;
-    drop(handshake_permit);
+    let handshake = Box::pin(handshake(stream, ip, client, gateway)).await;
     let (tls, principal) = match handshake {
         Ok(done) => done,
-        Err(reason) => return reason,
+        Err(HandshakeError::Closed(reason)) => return Some(reason),
+        Err(HandshakeError::Refused(reason, io)) => {
+            refuse(io.tcp(), ip, reason);
+            return None;
+        }
     };
     let (_, conn) = tls.get_ref();
     let tls_version = version_label(conn);
@@ -192,7 +191,7 @@ async fn serve(
         ip,
         peer: SocketAddr::new(ip, port),
         local,
-        banned,
+        banned: &client.banned,
         started,
         command_rate: RateLimiter::direct(crate::admission::per_second(
             limits.commands_per_second,
@@ -212,7 +211,7 @@ async fn serve(
         link: None,
         config,
     };
-    session.run(rules_changed).await
+    Some(session.run(rules_changed).await)
 }
 
 /// The state of one established connection.

@@ -96,24 +96,135 @@ async fn global_cap_triggers_at_max_connections() {
     assert_eq!(server.gateway.admission.active(), 3);
 }
 
-#[tokio::test]
-async fn handshake_capacity_refuses_while_handshakes_stall() {
+/// Waits until `n` handshake slots are taken (the connections' first bytes were seen).
+async fn wait_handshakes(server: &TestServer, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while server.gateway.admission.handshakes_in_flight() < n {
+        assert!(
+            Instant::now() < deadline,
+            "only {} handshake slots taken",
+            server.gateway.admission.handshakes_in_flight()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Opens a connection from 127.0.0.`last` and sends a third of a TLS record header: a
+/// handshake that has begun and then stalls. `None` when the gateway reset it at once.
+async fn stalled_handshake(addr: SocketAddr, last: u8) -> Option<tokio::net::TcpStream> {
+    let mut tcp = tcp_connect(addr, src(last)).await.ok()?;
+    tcp.write_all(&[0x16, 0x03, 0x01]).await.ok()?;
+    Some(tcp)
+}
+
+/// True when the gateway closes `tcp` (EOF or reset) within `limit`.
+async fn closed_within(mut tcp: tokio::net::TcpStream, limit: Duration) -> bool {
+    let mut buf = [0u8; 64];
+    matches!(
+        tokio::time::timeout(limit, tcp.read(&mut buf)).await,
+        Ok(Ok(0) | Err(_))
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_handshake_pool_delays_a_new_handshake_instead_of_resetting_it() {
     let certs = TestCerts::new();
     let mut config = test_config(&certs);
     config.limits.max_handshakes_in_flight = 2;
     config.limits.handshake_timeout = Duration::from_secs(30);
     let server = TestServer::start(config).await;
-    let mut stalled = Vec::new();
-    for last in [10, 11] {
-        let mut tcp = tcp_connect(server.addr, src(last)).await.unwrap();
-        tcp.write_all(&[0x16, 0x03, 0x01]).await.unwrap(); // a third of a record header
-        stalled.push(tcp);
+    let first = stalled_handshake(server.addr, 10).await.unwrap();
+    let _second = stalled_handshake(server.addr, 11).await.unwrap();
+    wait_handshakes(&server, 2).await;
+    let addr = server.addr;
+    let options = from(12);
+    let ca = certs.paths.ca_cert.clone();
+    let waiting = tokio::spawn(async move { Client::connect_ca(addr, &ca, options).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !waiting.is_finished(),
+        "the new handshake was not held back"
+    );
+    // A place frees up: the waiting handshake takes it and completes.
+    drop(first);
+    let started = Instant::now();
+    let mut client = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("the waiting handshake completes")
+        .unwrap()
+        .expect("the waiting handshake was not reset");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(client.request_line("PING").await, "OK PONG");
+}
+
+/// SPEC 9 (issue 13, finding 1): silent connections hold no handshake slot, one key holds
+/// at most `max_handshakes_per_ip`, so a flood of both from a few keys never keeps a client
+/// on another key from its handshake. On the old code the first silent connections took
+/// every slot and the legitimate client was reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_and_slow_handshake_flood_from_few_keys_does_not_block_another_client() {
+    let certs = TestCerts::new();
+    let mut config = test_config(&certs);
+    config.limits.max_handshakes_in_flight = 8;
+    config.limits.max_handshakes_per_ip = 2;
+    config.limits.handshake_timeout = Duration::from_secs(10);
+    config.limits.connection_rate_per_ip = 1000;
+    config.limits.connection_burst_per_ip = 1000;
+    let server = TestServer::start(config).await;
+    let attackers = [40u8, 41, 42];
+    let mut silent = Vec::new();
+    for &last in &attackers {
+        for _ in 0..40 {
+            if let Ok(tcp) = tcp_connect(server.addr, src(last)).await {
+                silent.push(tcp);
+            }
+        }
     }
-    wait_active(&server.gateway, 2).await;
-    assert_refused_before_tls(server.addr, &certs, src(12)).await;
-    drop(stalled);
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    ping(server.addr, &certs, src(12)).await;
+    let mut slow = Vec::new();
+    for &last in &attackers {
+        for _ in 0..4 {
+            slow.push(stalled_handshake(server.addr, last).await);
+        }
+    }
+    wait_handshakes(&server, attackers.len() * 2).await;
+
+    let started = Instant::now();
+    let mut client = Client::connect_with(server.addr, &certs, from(50))
+        .await
+        .expect("the legitimate client completes its handshake");
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(1), "handshake took {took:?}");
+    assert_eq!(client.request_line("PING").await, "OK PONG");
+
+    // Two stalled handshakes per key hold a slot; the other two were refused at their first
+    // byte (reset), and the silent connections are all still open, holding none.
+    assert_eq!(
+        server.gateway.admission.handshakes_in_flight(),
+        attackers.len() * 2,
+        "the attackers' stalled handshakes still hold their slots"
+    );
+    let mut checks = tokio::task::JoinSet::new();
+    for tcp in slow {
+        match tcp {
+            Some(tcp) => checks.spawn(closed_within(tcp, Duration::from_secs(2))),
+            None => checks.spawn(async { true }),
+        };
+    }
+    let refused = checks.join_all().await.into_iter().filter(|c| *c).count();
+    assert_eq!(
+        refused,
+        attackers.len() * 2,
+        "refusals over max_handshakes_per_ip"
+    );
+    assert_eq!(
+        silent.len(),
+        attackers.len() * 40,
+        "silent connections admitted"
+    );
 }
 
 #[tokio::test]

@@ -121,11 +121,16 @@ async fn every_path_is_counted() {
     let _held = tcp_connect(s.addr, src(49)).await.unwrap();
     wait_active(&s.gateway, 1).await;
     refused(s.addr, 50).await;
-    let s = server_with(&certs, |c| c.limits.max_handshakes_in_flight = 1).await;
+    let s = server_with(&certs, |c| c.limits.max_handshakes_per_ip = 1).await;
     let mut stall = tcp_connect(s.addr, src(51)).await.unwrap();
     stall.write_all(&[0x16]).await.unwrap();
-    wait_active(&s.gateway, 1).await;
-    refused(s.addr, 52).await;
+    for _ in 0..1000 {
+        if s.gateway.admission.handshakes_in_flight() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    refused(s.addr, 51).await;
 
     let after = scrape(main.admin).await;
     let delta = |series: &str| sample(&after, series) - sample(&before, series);

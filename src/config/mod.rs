@@ -189,7 +189,12 @@ pub struct LimitsSection {
     pub connection_rate_per_ip: u32,
     pub connection_burst_per_ip: u32,
     pub ipv6_prefix: u8,
+    /// TLS handshakes in flight at once, counted from a connection's first byte; a new one
+    /// waits for a place (within `handshake_timeout`) rather than being refused.
     pub max_handshakes_in_flight: usize,
+    /// Handshakes in flight at once per client key; over it a connection is refused, so a
+    /// few keys cannot take every place of `max_handshakes_in_flight`.
+    pub max_handshakes_per_ip: usize,
     #[serde(with = "humantime_serde")]
     pub handshake_timeout: Duration,
     #[serde(with = "humantime_serde")]
@@ -214,6 +219,7 @@ impl Default for LimitsSection {
             connection_burst_per_ip: 40,
             ipv6_prefix: 64,
             max_handshakes_in_flight: 1024,
+            max_handshakes_per_ip: 8,
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             commands_per_second: 100,

@@ -61,7 +61,7 @@ impl Config {
 
     fn validate_limits(&self) -> Result<(), ConfigError> {
         let l = &self.limits;
-        let positive: [(&str, u64); 10] = [
+        let positive: [(&str, u64); 11] = [
             ("limits.max_connections", l.max_connections as u64),
             (
                 "limits.max_connections_per_ip",
@@ -78,6 +78,10 @@ impl Config {
             (
                 "limits.max_handshakes_in_flight",
                 l.max_handshakes_in_flight as u64,
+            ),
+            (
+                "limits.max_handshakes_per_ip",
+                l.max_handshakes_per_ip as u64,
             ),
             ("limits.commands_per_second", l.commands_per_second.into()),
             ("limits.commands_burst", l.commands_burst.into()),
