@@ -252,6 +252,12 @@ fn keep_restart_keys(running: &Config, fresh: &mut Config) -> Vec<&'static str> 
         &mut f.admin.idle_timeout,
         &mut kept,
     );
+    keep(
+        "admin.header_timeout",
+        &r.admin.header_timeout,
+        &mut f.admin.header_timeout,
+        &mut kept,
+    );
     // The upstream pool and its health checks are built once at start.
     keep("upstream", &r.upstream, &mut f.upstream, &mut kept);
     keep("log.format", &r.log.format, &mut f.log.format, &mut kept);
