@@ -41,6 +41,7 @@ use ipnet::IpNet;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::error::RejectReason;
 use crate::metrics::LimiterKeys;
@@ -173,6 +174,8 @@ pub struct Admission {
     bans: DashMap<IpAddr, Instant>,
     /// Recent authentication failures per key; an entry lives while it holds one.
     failures: DashMap<IpAddr, FailureLog>,
+    /// Cluster mode: the shared connection rate and failure counts (SPEC 7).
+    cluster: Option<Arc<Cluster>>,
 }
 
 /// Held by a connection for its whole life; gives its global place back on drop (every exit
@@ -246,7 +249,14 @@ impl Admission {
             per_key: Arc::new(DashMap::new()),
             bans: DashMap::new(),
             failures: DashMap::new(),
+            cluster: None,
         }
+    }
+
+    /// Shares the connection rate and authentication failures with the cluster.
+    pub fn with_cluster(mut self, cluster: Option<Arc<Cluster>>) -> Self {
+        self.cluster = cluster;
+        self
     }
 
     /// Applies a reloaded configuration's limits and lists to new admissions, keeping every
@@ -311,7 +321,9 @@ impl Admission {
         if self.is_banned(key) {
             return Err(RejectReason::Banned);
         }
-        if self.rate.load().limiter.check_key(&key).is_err() {
+        if self.cluster.as_ref().is_some_and(|c| !c.may_admit(key))
+            || self.rate.load().limiter.check_key(&key).is_err()
+        {
             return Err(RejectReason::RateLimited);
         }
         let mut entry = self.per_key.entry(key).or_insert_with(|| KeyEntry {
@@ -327,6 +339,9 @@ impl Admission {
             entry.banned = CancellationToken::new();
         }
         entry.connections += 1;
+        if let Some(cluster) = &self.cluster {
+            cluster.admitted(key);
+        }
         Ok(ClientGuard {
             key,
             per_key: self.per_key.clone(),
@@ -410,6 +425,9 @@ impl Admission {
     pub fn record_auth_failure(&self, ip: IpAddr) -> bool {
         let rules = self.rules.load();
         let key = client_key(ip, rules.ipv6_prefix);
+        if let Some(cluster) = &self.cluster {
+            cluster.auth_failed(key);
+        }
         let now = Instant::now();
         let exceeded = {
             let mut log = self
@@ -424,12 +442,19 @@ impl Admission {
             return false;
         }
         self.failures.remove(&key);
-        self.bans
-            .insert(key, crate::deadline::after(now, rules.ban_duration));
+        self.ban_until(key, crate::deadline::after(now, rules.ban_duration));
+        true
+    }
+
+    /// Bans `key` until `until` (or longer, if it already is) and closes its open
+    /// connections: a local ban, or one the cluster made.
+    pub fn ban_until(&self, key: IpAddr, until: Instant) {
+        let mut expiry = self.bans.entry(key).or_insert(until);
+        *expiry = (*expiry).max(until);
+        drop(expiry);
         if let Some(entry) = self.per_key.get(&key) {
             entry.banned.cancel();
         }
-        true
     }
 
     /// Drops state that no longer limits anyone: full rate buckets, expired bans and

@@ -372,3 +372,27 @@ impl Verb {
         matches!(self, Verb::Ping | Verb::Auth | Verb::Help | Verb::Quit)
     }
 }
+
+/// Which exchange with Redis failed, for `portcullis_cluster_errors_total{op}` (SPEC 8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ClusterOp {
+    /// Publishing local counts (and learning the totals, in the same script call).
+    Publish,
+    /// Reading shared state: bans, ticket keys.
+    Fetch,
+    /// Opening the connection to Redis.
+    Connect,
+}
+
+impl ClusterOp {
+    pub const ALL: [ClusterOp; 3] = [ClusterOp::Publish, ClusterOp::Fetch, ClusterOp::Connect];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClusterOp::Publish => "publish",
+            ClusterOp::Fetch => "fetch",
+            ClusterOp::Connect => "connect",
+        }
+    }
+}

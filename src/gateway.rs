@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admission::Admission;
 use crate::auth::TokenStore;
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::proxy_protocol::ProxySettings;
 use crate::shutdown::Shutdown;
@@ -31,6 +32,8 @@ pub enum StartError {
     Tokens(#[from] crate::auth::BadDigest),
     #[error(transparent)]
     Upstream(#[from] crate::upstream::UpstreamInitError),
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -47,6 +50,8 @@ pub struct Gateway {
     /// Swapped whole on reload; a connection reads it per `AUTH`.
     pub tokens: ArcSwap<TokenStore>,
     pub admission: Admission,
+    /// Cluster mode's link to Redis; `None` standalone.
+    pub cluster: Option<Arc<Cluster>>,
     /// Which peers' PROXY headers are read, and how.
     pub proxy: ArcSwap<ProxySettings>,
     /// What serves a connection once it is authenticated.
@@ -97,10 +102,12 @@ impl Gateway {
         let material = TlsMaterial::load(&settings)?;
         crate::metrics::cert_not_after(material.not_after);
         let tokens = TokenStore::from_entries(&config.auth.tokens)?;
+        let cluster = Cluster::from_config(&config)?.map(Arc::new);
         Ok(Gateway {
             tls: TlsState::new(settings, material),
             tokens: ArcSwap::from_pointee(tokens),
-            admission: Admission::new(&config),
+            admission: Admission::new(&config).with_cluster(cluster.clone()),
+            cluster,
             proxy: ArcSwap::from_pointee(ProxySettings::new(&config.proxy_protocol)),
             service: Service::from_config(&config)?,
             rules_changed: RulesChanged::new(),
@@ -198,6 +205,9 @@ impl Gateway {
         self.tls.install(settings, material);
         self.tokens.store(Arc::new(tokens));
         self.admission.reconfigure(&fresh);
+        if let Some(cluster) = &self.cluster {
+            cluster.reconfigure(&fresh);
+        }
         self.proxy
             .store(Arc::new(ProxySettings::new(&fresh.proxy_protocol)));
         self.config.store(Arc::new(fresh));
@@ -260,6 +270,14 @@ fn keep_restart_keys(running: &Config, fresh: &mut Config) -> Vec<&'static str> 
     );
     // The upstream pool and its health checks are built once at start.
     keep("upstream", &r.upstream, &mut f.upstream, &mut kept);
+    // The link to Redis and the ticketer are built once at start.
+    keep("cluster", &r.cluster, &mut f.cluster, &mut kept);
+    keep(
+        "tls.ticket_rotation",
+        &r.tls.ticket_rotation,
+        &mut f.tls.ticket_rotation,
+        &mut kept,
+    );
     keep("log.format", &r.log.format, &mut f.log.format, &mut kept);
     keep("log.level", &r.log.level, &mut f.log.level, &mut kept);
     kept

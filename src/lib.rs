@@ -25,7 +25,8 @@
 //!
 //! [`gateway`] is the state every connection shares (it imports nothing above it) and
 //! applies a reloaded configuration whole, waking open connections to check themselves
-//! against it; [`config`] is the typed configuration, [`deadline`] computes deadlines that
+//! against it; [`cluster`] shares limits and bans with other replicas through
+//! Redis; [`config`] is the typed configuration, [`deadline`] computes deadlines that
 //! cannot overflow, [`reload`] triggers reloads (SIGHUP, polling), and [`bootstrap`] is the
 //! development set-up.
 
@@ -33,6 +34,7 @@ pub mod admin;
 pub mod admission;
 pub mod auth;
 pub mod bootstrap;
+pub mod cluster;
 pub mod codec;
 pub mod command;
 pub mod config;

@@ -16,7 +16,9 @@ use metrics::{
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::error::{AuthMethod, CloseReason, RejectReason, SecurityEvent, UpstreamError, Verb};
+use crate::error::{
+    AuthMethod, CloseReason, ClusterOp, RejectReason, SecurityEvent, UpstreamError, Verb,
+};
 
 pub const CONNECTIONS_ACCEPTED: &str = "portcullis_connections_accepted_total";
 pub const CONNECTIONS_REJECTED: &str = "portcullis_connections_rejected_total";
@@ -40,6 +42,9 @@ pub const UPSTREAM_ERRORS: &str = "portcullis_upstream_errors_total";
 pub const UPSTREAM_SERVER_UP: &str = "portcullis_upstream_server_up";
 pub const UPSTREAM_MESSAGES: &str = "portcullis_upstream_messages_total";
 pub const UPSTREAM_BYTES: &str = "portcullis_upstream_bytes_total";
+pub const CLUSTER_UP: &str = "portcullis_cluster_up";
+pub const CLUSTER_SYNC_DURATION: &str = "portcullis_cluster_sync_duration_seconds";
+pub const CLUSTER_ERRORS: &str = "portcullis_cluster_errors_total";
 
 /// How many keys each limiter holds: the `portcullis_limiter_keys` gauge.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +68,10 @@ const COMMAND_BUCKETS: &[f64] = &[
 /// Upstream connects take ~100 µs on a private network, up to `connect_timeout` (2 s).
 const CONNECT_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+/// A sync is one round trip to a nearby Redis (~100 µs) up to its 1 s timeout.
+const CLUSTER_SYNC_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 ];
 /// At most this many log lines per second per kind (a security-event kind, or one line of
 /// code in a library); the rest are summed up in one "suppressed" line (SPEC 9).
@@ -104,6 +113,12 @@ pub fn install() -> PrometheusHandle {
                     b.set_buckets_for_metric(
                         Matcher::Full(UPSTREAM_CONNECT_DURATION.into()),
                         CONNECT_BUCKETS,
+                    )
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(CLUSTER_SYNC_DURATION.into()),
+                        CLUSTER_SYNC_BUCKETS,
                     )
                 })
                 .expect("bucket lists are constant and non-empty");
@@ -457,6 +472,41 @@ pub fn cert_not_after(timestamp: i64) {
 pub fn config_reload(ok: bool) {
     let result = if ok { "ok" } else { "failed" };
     counter!(CONFIG_RELOADS, "result" => result).increment(1);
+}
+
+/// Cluster mode is on: describes its series and registers them at zero. Standalone, they
+/// stay absent (SPEC 8: `portcullis_cluster_up` is absent when standalone).
+pub fn cluster_enabled() {
+    describe_gauge!(
+        CLUSTER_UP,
+        "1 while Redis answers, 0 while this replica runs on local state alone"
+    );
+    describe_histogram!(
+        CLUSTER_SYNC_DURATION,
+        Unit::Seconds,
+        "Time of one sync with Redis (publish counts, fetch shared state)"
+    );
+    describe_counter!(CLUSTER_ERRORS, "Failed exchanges with Redis, by operation");
+    gauge!(CLUSTER_UP).set(0.0);
+    let _ = histogram!(CLUSTER_SYNC_DURATION);
+    for op in ClusterOp::ALL {
+        counter!(CLUSTER_ERRORS, "op" => op.as_str()).absolute(0);
+    }
+}
+
+/// Whether Redis answers.
+pub fn cluster_up(up: bool) {
+    gauge!(CLUSTER_UP).set(if up { 1.0 } else { 0.0 });
+}
+
+/// One sync with Redis completed.
+pub fn cluster_sync(took: Duration) {
+    histogram!(CLUSTER_SYNC_DURATION).record(took.as_secs_f64());
+}
+
+/// An exchange with Redis failed.
+pub fn cluster_error(op: ClusterOp) {
+    counter!(CLUSTER_ERRORS, "op" => op.as_str()).increment(1);
 }
 
 /// A refusal or sign of abuse: counted by kind, and logged as one WARN line with the client

@@ -161,7 +161,13 @@ async fn background(
             upstream.check_health(stop.clone()).await;
         }
     };
-    tokio::join!(pruning, upkeep, reloads, health);
+    let cluster = async {
+        if let Some(cluster) = gateway.cluster.clone() {
+            let ban = |key, until| gateway.admission.ban_until(key, until);
+            crate::cluster::sync::run(cluster, ban, stop.clone()).await;
+        }
+    };
+    tokio::join!(pruning, upkeep, reloads, health, cluster);
     let _ = admin_task.await;
 }
 

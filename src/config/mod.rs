@@ -65,6 +65,7 @@ pub struct Config {
     pub admin: AdminSection,
     pub log: LogSection,
     pub upstream: UpstreamSection,
+    pub cluster: ClusterSection,
     /// The file this configuration was read from: a reload reads it again.
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -132,6 +133,10 @@ pub struct TlsSection {
     /// the whole configuration is reloaded when one changed.
     #[serde(with = "humantime_serde")]
     pub reload_interval: Duration,
+    /// How long one session-ticket key encrypts new tickets; the previous key still
+    /// decrypts, so a ticket resumes for at most twice this long.
+    #[serde(with = "humantime_serde")]
+    pub ticket_rotation: Duration,
 }
 
 impl TlsSection {
@@ -151,6 +156,7 @@ impl Default for TlsSection {
             min_version: TlsVersion::V1_2,
             alpn: Vec::new(),
             reload_interval: Duration::ZERO,
+            ticket_rotation: Duration::from_secs(12 * 3600),
         }
     }
 }
@@ -485,6 +491,37 @@ impl Default for UpstreamSection {
             health_interval: Duration::from_secs(5),
             rise: 2,
             fall: 3,
+        }
+    }
+}
+
+/// Sharing limits, bans and ticket keys with other replicas through Redis (SPEC 7).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSection {
+    /// `redis://host:6379/0` or `rediss://…` (TLS); empty runs standalone.
+    pub redis: String,
+    /// Prepended to every key written, so that several deployments can share one Redis.
+    pub key_prefix: String,
+    /// How often local counts are published and shared state fetched: the staleness of
+    /// every shared limit.
+    #[serde(with = "humantime_serde")]
+    pub sync_interval: Duration,
+}
+
+impl ClusterSection {
+    /// The Redis URL, when cluster mode is on.
+    pub fn redis(&self) -> Option<&str> {
+        (!self.redis.is_empty()).then_some(self.redis.as_str())
+    }
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        ClusterSection {
+            redis: String::new(),
+            key_prefix: "portcullis:".into(),
+            sync_interval: Duration::from_millis(100),
         }
     }
 }
@@ -926,5 +963,41 @@ mod tests {
         let c = Config::default();
         let again = Config::from_toml_str(&c.to_toml()).unwrap();
         assert_eq!(again.to_toml(), c.to_toml());
+    }
+
+    #[test]
+    fn cluster_defaults_and_rules() {
+        let c = Config::default();
+        assert_eq!(c.cluster.redis(), None, "standalone by default");
+        assert_eq!(c.cluster.key_prefix, "portcullis:");
+        assert_eq!(c.cluster.sync_interval, Duration::from_millis(100));
+        assert_eq!(c.tls.ticket_rotation, Duration::from_secs(12 * 3600));
+        for url in ["redis://127.0.0.1:6379/0", "rediss://cache.example:6380/1"] {
+            let c = load_str(&format!("[cluster]\nredis = \"{url}\"\n"), &[]).unwrap();
+            assert_eq!(c.cluster.redis(), Some(url));
+        }
+        for (text, key) in [
+            ("[cluster]\nredis = \"http://127.0.0.1\"\n", "cluster.redis"),
+            ("[cluster]\nredis = \"127.0.0.1:6379\"\n", "cluster.redis"),
+            (
+                "[cluster]\nsync_interval = \"1ms\"\n",
+                "cluster.sync_interval",
+            ),
+            (
+                "[cluster]\nsync_interval = \"10s\"\n",
+                "cluster.sync_interval",
+            ),
+            ("[cluster]\nkey_prefix = \"a b\"\n", "cluster.key_prefix"),
+            ("[tls]\nticket_rotation = \"0s\"\n", "tls.ticket_rotation"),
+            (
+                "[tls]\nticket_rotation = \"8days\"\n",
+                "tls.ticket_rotation",
+            ),
+        ] {
+            let err = load_str(text, &[]).unwrap_err();
+            assert!(err.to_string().starts_with(key), "{text}: {err}");
+        }
+        let c = load_str("", &[("PORTCULLIS_CLUSTER_REDIS", "redis://127.0.0.1:1/0")]).unwrap();
+        assert_eq!(c.cluster.redis(), Some("redis://127.0.0.1:1/0"));
     }
 }

@@ -9,6 +9,14 @@ use super::{AuthMode, Config, ConfigError, ProxyMode, ServerAddress, MAX_FRAME_C
 pub const MAX_DURATION: Duration = Duration::from_secs(365 * 86_400);
 /// The most `auth.max_failures` allowed: the failure log of a key holds that many instants.
 const MAX_FAILURES: u32 = 1000;
+/// `cluster.key_prefix` is repeated in every key: keep it short.
+const MAX_KEY_PREFIX: usize = 64;
+/// Below this, syncs would load Redis for no gain in accuracy.
+const MIN_SYNC_INTERVAL: Duration = Duration::from_millis(10);
+/// Above this, the shared 10 s rate window would be too stale to mean anything.
+const MAX_SYNC_INTERVAL: Duration = Duration::from_secs(2);
+/// RFC 8446 4.6.1: a ticket lifetime is at most 7 days.
+const MAX_TICKET_ROTATION: Duration = Duration::from_secs(7 * 86_400);
 
 /// The largest reply the gateway can queue at once: a full message echoed back, plus the
 /// reply's own prefix and framing.
@@ -44,6 +52,7 @@ impl Config {
         self.validate_auth()?;
         self.validate_upstream()?;
         self.validate_admin()?;
+        self.validate_cluster()?;
         if self.proxy_protocol.max_v2_bytes > 65535 {
             return Err(ConfigError::key(
                 "proxy_protocol.max_v2_bytes",
@@ -139,6 +148,8 @@ impl Config {
             ("admin.idle_timeout", self.admin.idle_timeout),
             ("admin.header_timeout", self.admin.header_timeout),
             ("upstream.connect_timeout", self.upstream.connect_timeout),
+            ("tls.ticket_rotation", self.tls.ticket_rotation),
+            ("cluster.sync_interval", self.cluster.sync_interval),
         ];
         if let Some((key, _)) = positive.iter().find(|(_, d)| d.is_zero()) {
             return Err(ConfigError::key(key, "must be greater than 0s"));
@@ -194,6 +205,46 @@ impl Config {
             return Err(ConfigError::key(
                 "upstream.max_reply_bytes",
                 "must be at most limits.max_write_buffer_bytes - 64 (one reply must fit)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The Redis URL parses with a `redis` or `rediss` scheme; the sync interval is short
+    /// enough to share a 10 s window; ticket keys live within TLS 1.3's 7-day ticket cap.
+    fn validate_cluster(&self) -> Result<(), ConfigError> {
+        let c = &self.cluster;
+        if let Some(url) = c.redis() {
+            let scheme = redis::parse_redis_url(url).map(|u| u.scheme().to_string());
+            if !matches!(scheme.as_deref(), Some("redis" | "rediss"))
+                || redis::Client::open(url).is_err()
+            {
+                return Err(ConfigError::key(
+                    "cluster.redis",
+                    "must be a redis://host:port/db or rediss://host:port/db URL, or empty",
+                ));
+            }
+        }
+        if c.key_prefix.len() > MAX_KEY_PREFIX
+            || c.key_prefix.bytes().any(|b| !b.is_ascii_graphic())
+        {
+            return Err(ConfigError::key(
+                "cluster.key_prefix",
+                format!(
+                    "must be at most {MAX_KEY_PREFIX} printable ASCII characters without spaces"
+                ),
+            ));
+        }
+        if c.sync_interval < MIN_SYNC_INTERVAL || c.sync_interval > MAX_SYNC_INTERVAL {
+            return Err(ConfigError::key(
+                "cluster.sync_interval",
+                "must be between 10ms and 2s: shared limits are as stale as this",
+            ));
+        }
+        if self.tls.ticket_rotation > MAX_TICKET_ROTATION {
+            return Err(ConfigError::key(
+                "tls.ticket_rotation",
+                "must be at most 7 days (TLS 1.3 caps a ticket's lifetime there)",
             ));
         }
         Ok(())

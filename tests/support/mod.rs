@@ -2,6 +2,8 @@
 //! a tokio-rustls client that speaks both framings.
 #![allow(dead_code)] // each test binary uses a different part of this module
 
+pub mod redis_server;
+
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

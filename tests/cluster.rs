@@ -1,0 +1,319 @@
+//! Cluster mode (SPEC 7): real replicas (the built binary) sharing one real `redis-server`.
+//! Each test starts its own Redis on a free loopback port and uses its own source address.
+
+mod support;
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use support::redis_server::RedisServer;
+use support::*;
+
+/// Sync often, so that tests wait little; the bounds below scale with it.
+const SYNC: Duration = Duration::from_millis(100);
+
+/// A replica on `redis` (standalone when `None`), with `extra` TOML.
+fn replica(certs: &TestCerts, redis: Option<&RedisServer>, extra: &str) -> Process {
+    let url = redis.map(RedisServer::url).unwrap_or_default();
+    let env = [
+        ("PORTCULLIS_CLUSTER_REDIS", url.as_str()),
+        ("PORTCULLIS_CLUSTER_SYNC_INTERVAL", "100ms"),
+    ];
+    Process::gateway_with_env(certs, extra, &env)
+}
+
+fn scrape(admin: SocketAddr) -> String {
+    http_get(admin, "/metrics").expect("scrape").1
+}
+
+/// Waits up to `limit` for `portcullis_cluster_up` to read `value` on `p`.
+fn wait_cluster_up(p: &Process, value: f64, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let body = scrape(p.admin);
+        if body.contains("portcullis_cluster_up ")
+            && sample(&body, "portcullis_cluster_up") == value
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "portcullis_cluster_up did not become {value}: {}",
+            p.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Whether a TLS connection from 127.0.0.`source` is admitted (its handshake completes).
+async fn admitted(addr: SocketAddr, certs: &TestCerts, source: u8) -> bool {
+    Client::connect_with(addr, certs, from(source))
+        .await
+        .is_ok()
+}
+
+/// Opens connections from 127.0.0.`source` alternately to every replica, one after the
+/// other as fast as they complete, for `period`; returns how many were admitted.
+async fn alternate_for(
+    replicas: &[SocketAddr],
+    certs: &TestCerts,
+    source: u8,
+    period: Duration,
+) -> usize {
+    let end = Instant::now() + period;
+    let mut admitted_total = 0;
+    let mut attempts = 0;
+    'outer: loop {
+        for addr in replicas {
+            if Instant::now() >= end {
+                break 'outer;
+            }
+            attempts += 1;
+            if admitted(*addr, certs, source).await {
+                admitted_total += 1;
+            }
+        }
+    }
+    assert!(
+        attempts > 4 * admitted_total,
+        "the client did not press hard enough: {attempts} attempts, {admitted_total} admitted"
+    );
+    admitted_total
+}
+
+/// Sends one bad token to `addr` from 127.0.0.`source` and checks the refusal.
+async fn bad_token(addr: SocketAddr, certs: &TestCerts, source: u8) {
+    let mut c = Client::connect_with(addr, certs, from(source))
+        .await
+        .expect("not banned yet");
+    assert_eq!(c.request_line("AUTH wrong-token").await, "ERR AUTH_FAILED");
+}
+
+/// Waits up to `limit` for `addr` to refuse (or, with `refuse = false`, admit) the source;
+/// returns how long that took.
+async fn wait_admission(
+    addr: SocketAddr,
+    certs: &TestCerts,
+    source: u8,
+    refuse: bool,
+    limit: Duration,
+) -> Duration {
+    let started = Instant::now();
+    loop {
+        if admitted(addr, certs, source).await != refuse {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < limit,
+            "{addr} still {} 127.0.0.{source} after {limit:?}",
+            if refuse { "admits" } else { "refuses" }
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[test]
+fn standalone_has_no_cluster_series_and_cluster_mode_reports_up() {
+    let certs = TestCerts::new();
+    let alone = replica(&certs, None, "");
+    assert!(!scrape(alone.admin).contains("portcullis_cluster"));
+    let redis = RedisServer::start();
+    let joined = replica(&certs, Some(&redis), "");
+    wait_cluster_up(&joined, 1.0, Duration::from_secs(5));
+    let body = scrape(joined.admin);
+    assert!(
+        body.contains("portcullis_cluster_errors_total{op=\"connect\"} 0"),
+        "{body}"
+    );
+    assert!(sample(&body, "portcullis_cluster_sync_duration_seconds_count") > 0.0);
+}
+
+/// SPEC 7's bound, with rate 5/s and burst 10: L = 60 per 10 s, at most 75 cluster-wide.
+const RATE_EXTRA: &str = "[limits]\nconnection_rate_per_ip = 5\nconnection_burst_per_ip = 10\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_one_connection_rate() {
+    let certs = TestCerts::new();
+    let redis = RedisServer::start();
+    let a = replica(&certs, Some(&redis), RATE_EXTRA);
+    let b = replica(&certs, Some(&redis), RATE_EXTRA);
+    wait_cluster_up(&a, 1.0, Duration::from_secs(5));
+    wait_cluster_up(&b, 1.0, Duration::from_secs(5));
+    let shared = alternate_for(&[a.addr, b.addr], &certs, 41, Duration::from_secs(10)).await;
+    drop((a, b));
+
+    let a = replica(&certs, None, RATE_EXTRA);
+    let b = replica(&certs, None, RATE_EXTRA);
+    let alone = alternate_for(&[a.addr, b.addr], &certs, 42, Duration::from_secs(10)).await;
+
+    let bound = 75; // 1.25 × (10 × 5 + 10)
+    eprintln!("admitted in 10 s: {shared} shared, {alone} standalone");
+    assert!(
+        shared <= bound,
+        "cluster-wide {shared} admitted in 10 s, over SPEC 7's bound of {bound}"
+    );
+    assert!(
+        shared >= 40,
+        "sharing should not refuse a client within its rate: {shared}"
+    );
+    // Standalone, each replica grants the whole rate: about 2 × 60.
+    assert!(
+        alone >= 100 && alone as f64 >= 1.5 * shared as f64,
+        "standalone replicas admitted {alone}, shared {shared}"
+    );
+}
+
+const BAN_EXTRA: &str = "[auth]\nmax_failures = 3\nban_duration = \"5s\"\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ban_made_anywhere_is_enforced_everywhere_and_expires() {
+    let certs = TestCerts::new();
+    let redis = RedisServer::start();
+    let a = replica(&certs, Some(&redis), BAN_EXTRA);
+    let b = replica(&certs, Some(&redis), BAN_EXTRA);
+    wait_cluster_up(&a, 1.0, Duration::from_secs(5));
+    wait_cluster_up(&b, 1.0, Duration::from_secs(5));
+    let source = 51;
+    // An authenticated connection on A, open while the ban comes from B.
+    let mut open = Client::connect_with(a.addr, &certs, from(source))
+        .await
+        .unwrap();
+    assert_eq!(
+        open.request_line(&format!("AUTH {ALICE_TOKEN}")).await,
+        "OK alice"
+    );
+
+    // max_failures in total, alternately: no replica alone sees more than 2.
+    bad_token(a.addr, &certs, source).await;
+    bad_token(b.addr, &certs, source).await;
+    bad_token(a.addr, &certs, source).await;
+    tokio::time::sleep(SYNC * 5).await;
+    assert!(
+        admitted(a.addr, &certs, source).await,
+        "3 failures do not ban"
+    );
+    assert!(
+        admitted(b.addr, &certs, source).await,
+        "3 failures do not ban"
+    );
+
+    // The 4th, on B: the cluster bans the key.
+    bad_token(b.addr, &certs, source).await;
+    let limit = SYNC + Duration::from_secs(1);
+    let on_b = wait_admission(b.addr, &certs, source, true, limit).await;
+    let on_a = wait_admission(a.addr, &certs, source, true, limit).await;
+    assert!(
+        open.is_closed().await,
+        "the ban closed the open connection on A"
+    );
+    assert!(
+        admitted(a.addr, &certs, 52).await,
+        "other addresses are served"
+    );
+
+    // A replica started during the ban refuses the key too.
+    let c = replica(&certs, Some(&redis), BAN_EXTRA);
+    wait_cluster_up(&c, 1.0, Duration::from_secs(5));
+    wait_admission(c.addr, &certs, source, true, limit).await;
+
+    // The ban expires everywhere.
+    for p in [&a, &b, &c] {
+        wait_admission(p.addr, &certs, source, false, Duration::from_secs(7)).await;
+    }
+    eprintln!("ban seen on B after {on_b:?}, on A after {on_a:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_redis_replicas_keep_their_local_limits_and_resume_sharing() {
+    let certs = TestCerts::new();
+    let mut redis = RedisServer::start();
+    let extra = format!("{RATE_EXTRA}[auth]\nmax_failures = 1\nban_duration = \"30s\"\n");
+    let a = replica(&certs, Some(&redis), &extra);
+    let b = replica(&certs, Some(&redis), &extra);
+    wait_cluster_up(&a, 1.0, Duration::from_secs(5));
+    wait_cluster_up(&b, 1.0, Duration::from_secs(5));
+
+    redis.kill();
+    wait_cluster_up(&a, 0.0, Duration::from_secs(5));
+    wait_cluster_up(&b, 0.0, Duration::from_secs(5));
+    let body = scrape(a.admin);
+    assert!(
+        sample(&body, "portcullis_cluster_errors_total{op=\"publish\"}")
+            + sample(&body, "portcullis_cluster_errors_total{op=\"connect\"}")
+            > 0.0
+    );
+    // Still serving, still limiting: the burst of 10 then refusals, on each replica.
+    for (p, source) in [(&a, 61), (&b, 62)] {
+        let mut c = Client::connect_with(p.addr, &certs, from(source))
+            .await
+            .unwrap();
+        assert_eq!(c.request_line("PING").await, "OK PONG");
+        let mut admitted_now = 1;
+        for _ in 0..30 {
+            if admitted(p.addr, &certs, source).await {
+                admitted_now += 1;
+            }
+        }
+        assert!(
+            (10..=13).contains(&admitted_now),
+            "local limit while Redis is down: {admitted_now} of 31 admitted"
+        );
+    }
+    // A local ban still works: 2 failures on A ban on A.
+    bad_token(a.addr, &certs, 63).await;
+    bad_token(a.addr, &certs, 63).await;
+    wait_admission(a.addr, &certs, 63, true, Duration::from_secs(1)).await;
+    assert!(
+        admitted(b.addr, &certs, 63).await,
+        "nothing shared while Redis is down"
+    );
+
+    // Redis back (empty): sharing resumes. One failure on each replica bans on both.
+    redis.restart();
+    wait_cluster_up(&a, 1.0, Duration::from_secs(10));
+    wait_cluster_up(&b, 1.0, Duration::from_secs(10));
+    bad_token(a.addr, &certs, 64).await;
+    bad_token(b.addr, &certs, 64).await;
+    let limit = SYNC + Duration::from_secs(1);
+    wait_admission(a.addr, &certs, 64, true, limit).await;
+    wait_admission(b.addr, &certs, 64, true, limit).await;
+    let log = a.stderr();
+    assert_eq!(
+        log.matches("Redis unreachable").count(),
+        1,
+        "one line per change: {log}"
+    );
+    assert_eq!(log.matches("Redis answers").count(), 2, "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_spray_leaves_no_key_without_a_ttl() {
+    let certs = TestCerts::new();
+    let redis = RedisServer::start();
+    let p = replica(&certs, Some(&redis), "[auth]\nmax_failures = 1\n");
+    wait_cluster_up(&p, 1.0, Duration::from_secs(5));
+    // A failure and a ban, so that those keys exist too.
+    bad_token(p.addr, &certs, 71).await;
+    bad_token(p.addr, &certs, 71).await;
+    for i in 0..5000u32 {
+        let source = IpAddr::from([127, 2, (i / 250) as u8, (i % 250 + 1) as u8]);
+        if let Ok(tcp) = tcp_connect(p.addr, Some(source)).await {
+            drop(tcp);
+        }
+    }
+    tokio::time::sleep(SYNC * 5).await;
+    let keys = redis.keys();
+    let rate_keys = keys
+        .iter()
+        .filter(|k| k.starts_with("portcullis:rate:"))
+        .count();
+    assert!(
+        rate_keys > 1000,
+        "the spray did not reach Redis: {rate_keys} rate keys"
+    );
+    assert!(keys.iter().any(|k| k == "portcullis:bans"), "{keys:?}");
+    for key in &keys {
+        let ttl = redis.pttl(key);
+        assert!(ttl > 0, "{key} has no TTL ({ttl})");
+    }
+}
