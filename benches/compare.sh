@@ -26,10 +26,11 @@ KEEP_TMP=${KEEP_TMP:-0}
 SERVERS=(portcullis haproxy stunnel)
 SCENARIOS=(handshake resume steady idle reject)
 
-log() { printf '[compare] %s\n' "$*" >&2; }
-die() { printf '[compare] error: %s\n' "$*" >&2; exit 1; }
+TAG=compare
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# shellcheck source=benches/lib.sh
+source benches/lib.sh
 
 # --- prerequisites ---------------------------------------------------------------------------
 missing=()
@@ -59,93 +60,7 @@ if [[ $nofile != unlimited ]] && ((2 * HAPROXY_MAXCONN + 100 > nofile)); then
     HAPROXY_MAXCONN=$(((nofile - 100) / 2))
 fi
 
-# --- build -----------------------------------------------------------------------------------
-log "building (cargo build --release --locked, then the load bench)"
-cargo build --release --locked >&2
-LOAD=$(cargo bench --locked --bench load --no-run --message-format=json |
-    grep '"kind":\["bench"\],[^}]*"name":"load"' | grep -o '"executable":"[^"]*"' | tail -n 1 | cut -d'"' -f4)
-[[ -n $LOAD && -x $LOAD ]] || die "could not find the load bench binary (cargo bench --bench load --no-run)"
-PORTCULLIS=$PWD/target/release/portcullis
-[[ -x $PORTCULLIS ]] || die "no $PORTCULLIS after the build"
-
-# --- temp dir, cleanup -----------------------------------------------------------------------
-DIR=$(mktemp -d "${TMPDIR:-/tmp}/portcullis-compare.XXXXXX")
-PIDS=()
-cleanup() {
-    local status=$?
-    trap - EXIT INT TERM
-    local pid
-    for pid in "${PIDS[@]}"; do
-        kill "$pid" 2>/dev/null || true
-    done
-    for pid in "${PIDS[@]}"; do
-        wait "$pid" 2>/dev/null || true
-    done
-    if [[ $KEEP_TMP == 1 ]]; then
-        log "kept $DIR"
-    else
-        rm -rf "$DIR"
-    fi
-    exit "$status"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-# Start a background process and remember its pid (in $STARTED, and for the cleanup).
-start() {
-    local logfile=$1
-    shift
-    "$@" >"$logfile" 2>&1 &
-    STARTED=$!
-    PIDS+=("$STARTED")
-}
-
-# SIGTERM, then SIGKILL after 10 s.
-stop() {
-    local pid=$1 i
-    kill "$pid" 2>/dev/null || true
-    for ((i = 0; i < 100; i++)); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    kill -9 "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-    local kept=() p
-    for p in "${PIDS[@]}"; do
-        [[ $p == "$pid" ]] || kept+=("$p")
-    done
-    PIDS=("${kept[@]}")
-}
-
-port_free() { [[ -z $(ss -Hltn "sport = :$1" 2>/dev/null) ]]; }
-
-NEXT_PORT=$BASE_PORT
-free_port() {
-    while ! port_free "$NEXT_PORT"; do
-        NEXT_PORT=$((NEXT_PORT + 1))
-    done
-    PORT=$NEXT_PORT
-    NEXT_PORT=$((NEXT_PORT + 1))
-}
-
-# Wait until 127.0.0.1:$port accepts (and $pid is still alive), up to 15 s.
-wait_port() {
-    local port=$1 pid=$2 name=$3 logfile=$4
-    local i
-    for ((i = 0; i < 150; i++)); do
-        if ! kill -0 "$pid" 2>/dev/null; then
-            tail -n 20 "$logfile" >&2 || true
-            die "$name exited before listening"
-        fi
-        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-            return 0
-        fi
-        sleep 0.1
-    done
-    tail -n 20 "$logfile" >&2 || true
-    die "$name did not listen on 127.0.0.1:$port within 15 s"
-}
+build_release
 
 # --- certificates ----------------------------------------------------------------------------
 log "temp dir $DIR"
@@ -233,40 +148,7 @@ if ((HAPROXY_MAXCONN < 20000)); then
     echo "haproxy maxconn lowered to $HAPROXY_MAXCONN: ulimit -n is $nofile (2 descriptors per connection)" >>"$NOTES"
 fi
 
-for server in "${SERVERS[@]}"; do
-    free_port
-    "config_$server" "$PORT"
-    logfile=$DIR/$server.log
-    start "$logfile" taskset -c "$SERVER_CORE" "${CMD[@]}"
-    pid=$STARTED
-    wait_port "$PORT" "$pid" "$server" "$logfile"
-    log "$server on 127.0.0.1:$PORT (pid $pid, core $SERVER_CORE)"
-    sleep 1 # let the readiness probe fall out of the per-source rate window
-    for scenario in "${SCENARIOS[@]}"; do
-        log "  $server: $scenario"
-        out=$DIR/$server-$scenario.out
-        if taskset -c "$CLIENT_CORE" "$LOAD" --target "127.0.0.1:$PORT" --ca "$CERTS/ca.pem" --pid "$pid" \
-            --label "$server" --scenarios "$scenario" --workers "$WORKERS" --connections "$CONNECTIONS" \
-            --idle "$IDLE" --seconds "$SECONDS_PER_SCENARIO" >"$out" 2>"$out.err"; then
-            :
-        else
-            echo "$server $scenario: load tool exited with status $?: $(tail -n 3 "$out.err" | tr '\n' ' ')" >>"$NOTES"
-        fi
-        grep '^scenario=' "$out" | tee -a "$RESULTS" >&2 || true
-        if ! kill -0 "$pid" 2>/dev/null; then
-            echo "$server exited during $scenario: $(tail -n 3 "$logfile" | tr '\n' ' ')" >>"$NOTES"
-            break
-        fi
-        sleep 1
-    done
-    stop "$pid"
-    # Warnings and errors the server logged while under load (HAProxy's are expected to be
-    # quiet; stunnel logs resets at debug 3).
-    if [[ -s $logfile ]]; then
-        lines=$(wc -l <"$logfile")
-        echo "$server logged $lines line(s); last: $(tail -n 1 "$logfile" | cut -c1-200)" >>"$NOTES"
-    fi
-done
+run_servers
 
 # Anything in the result lines that makes a number mean less than it says.
 awk '
@@ -283,17 +165,6 @@ for server in "${SERVERS[@]}"; do
 done
 
 # --- report ----------------------------------------------------------------------------------
-# value SCENARIO SERVER KEY: the KEY=value of that result line, or empty.
-value() {
-    awk -v s="scenario=$1" -v srv="server=$2" -v k="$3=" '
-        $1 == s && $2 == srv { for (i = 3; i <= NF; i++) if (index($i, k) == 1) { print substr($i, length(k) + 1); exit } }
-    ' "$RESULTS"
-}
-
-ratio() {
-    awk -v a="$1" -v b="$2" 'BEGIN { if (a == "" || b == "" || b + 0 == 0) print "n/a"; else printf "%.2f\n", a / b }'
-}
-
 ROWS=(
     "handshake rate (handshakes/s)|handshake|rate"
     "handshakes per server CPU-second|handshake|per_server_cpu_s"

@@ -10,11 +10,18 @@
 //!   connection (needs the server's pid).
 //! * `reject` — one source address floods new TCP connections; refusals/s, and the p99 of
 //!   a legitimate client's PING from another address meanwhile.
+//! * `relay` — like `steady`, but each request is one binary frame of 64 bytes that a
+//!   relaying gateway forwards to the raw echo backend (`raw-echo`), which sends it back.
+//!   For portcullis in messages mode that is one framed message each way, validated on
+//!   both sides; for a byte relay (portcullis stream mode, HAProxy, nginx) the same bytes.
+//! * `relay_handshake` — like `handshake`, with one relayed frame: the cost of a new client
+//!   connection including the gateway's connection to the backend.
 //!
 //! `cargo bench --bench load` with no arguments starts the built `portcullis` itself (one
 //! worker thread, auth mode none) and runs every scenario briefly. Against another server
 //! (benches/compare.sh): `--target ADDR --ca FILE --pid PID --label NAME`. `backend ADDR`
-//! runs the plaintext echo backend that HAProxy and stunnel forward to in the comparison.
+//! runs the plaintext echo backend that HAProxy and stunnel forward to in the comparison;
+//! `raw-echo ADDR` the byte echo that every gateway relays to in benches/relay.sh.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -67,6 +74,8 @@ enum Command {
     /// Serve the text protocol in plaintext (PING, ECHO, AUTH → OK): the backend behind
     /// HAProxy and stunnel in the comparison.
     Backend { listen: SocketAddr },
+    /// Send back every byte as it arrives: the backend of the relay comparison.
+    RawEcho { listen: SocketAddr },
 }
 
 fn main() {
@@ -76,8 +85,10 @@ fn main() {
         .build()
         .expect("runtime");
     runtime.block_on(async move {
-        if let Some(Command::Backend { listen }) = args.command {
-            return backend(listen).await;
+        match args.command {
+            Some(Command::Backend { listen }) => return backend(listen).await,
+            Some(Command::RawEcho { listen }) => return raw_echo(listen).await,
+            None => {}
         }
         let local = match args.target {
             Some(_) => None,
@@ -102,9 +113,13 @@ fn main() {
         let duration = Duration::from_secs_f64(args.seconds);
         for scenario in args.scenarios.split(',') {
             match scenario.trim() {
-                "handshake" => bench.handshakes(args.workers, duration, false).await,
-                "resume" => bench.handshakes(args.workers, duration, true).await,
-                "steady" => bench.steady(args.connections, duration).await,
+                "handshake" => bench.handshakes(args.workers, duration, Exchange::Handshake).await,
+                "resume" => bench.handshakes(args.workers, duration, Exchange::Resume).await,
+                "relay_handshake" => {
+                    bench.handshakes(args.workers, duration, Exchange::Relay).await
+                }
+                "steady" => bench.steady(args.connections, duration, Exchange::Handshake).await,
+                "relay" => bench.steady(args.connections, duration, Exchange::Relay).await,
                 "idle" => bench.idle(args.idle, pid).await,
                 "reject" => bench.reject(duration).await,
                 other => eprintln!("unknown scenario {other}"),
@@ -121,6 +136,57 @@ struct Bench {
     /// The server's pid: its CPU time makes results comparable even when the load tool,
     /// not the server, is the bottleneck.
     pid: Option<u32>,
+}
+
+/// What one request is, and how a connection is set up for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Exchange {
+    /// A full handshake, then `ECHO` of 64 bytes answered `OK …` (the built-in command).
+    Handshake,
+    /// The same with session resumption on.
+    Resume,
+    /// A full handshake, then a 64-byte binary frame echoed back as it is (a relay).
+    Relay,
+}
+
+impl Exchange {
+    fn resumption(self) -> bool {
+        self == Exchange::Resume
+    }
+
+    fn request(self) -> Vec<u8> {
+        match self {
+            Exchange::Relay => relay_frame(),
+            _ => echo_request(),
+        }
+    }
+
+    /// Reads one reply to [`Exchange::request`]; false when it is not the expected one.
+    async fn read_reply<R: tokio::io::AsyncBufRead + Unpin>(
+        self,
+        reader: &mut R,
+        buf: &mut Vec<u8>,
+    ) -> std::io::Result<bool> {
+        buf.clear();
+        match self {
+            Exchange::Relay => {
+                buf.resize(relay_frame().len(), 0);
+                reader.read_exact(buf).await?;
+                Ok(*buf == relay_frame())
+            }
+            _ => {
+                let n = reader.read_until(b'\n', buf).await?;
+                Ok(n > 0 && buf.starts_with(b"OK "))
+            }
+        }
+    }
+}
+
+/// One binary frame: `u32` big-endian length 64, then 64 payload bytes.
+fn relay_frame() -> Vec<u8> {
+    let mut frame = 64u32.to_be_bytes().to_vec();
+    frame.extend(std::iter::repeat_n(b'y', 64));
+    frame
 }
 
 /// The request every scenario sends: ECHO with a 64-byte payload.
@@ -162,9 +228,9 @@ impl Bench {
             .await
     }
 
-    /// W workers: connect, handshake, one ECHO, close.
-    async fn handshakes(&self, workers: usize, duration: Duration, resumption: bool) {
-        let connector = self.connector(resumption);
+    /// W workers: connect, handshake, one request, close.
+    async fn handshakes(&self, workers: usize, duration: Duration, exchange: Exchange) {
+        let connector = self.connector(exchange.resumption());
         let cpu = self.server_cpu();
         let until = Instant::now() + duration;
         let mut tasks = Vec::new();
@@ -184,7 +250,7 @@ impl Bench {
                     let source = IpAddr::from([127, 0, 2 + (w as u8), 1 + (n % 200) as u8]);
                     n += 1;
                     let started = Instant::now();
-                    match one_echo(&this, &connector, source).await {
+                    match one_request(&this, &connector, source, exchange).await {
                         Ok(was_resumed) => {
                             latencies.push(started.elapsed().as_micros() as u32);
                             resumed += u64::from(was_resumed);
@@ -202,7 +268,11 @@ impl Bench {
             errors += e;
             resumed += r;
         }
-        let name = if resumption { "resume" } else { "handshake" };
+        let name = match exchange {
+            Exchange::Handshake => "handshake",
+            Exchange::Resume => "resume",
+            Exchange::Relay => "relay_handshake",
+        };
         println!(
             "scenario={name} server={} workers={workers} handshakes={} errors={errors} resumed={resumed} rate={:.0} {} {}",
             self.label,
@@ -213,8 +283,8 @@ impl Bench {
         );
     }
 
-    /// C persistent connections, ECHO of 64 bytes in a closed loop.
-    async fn steady(&self, connections: usize, duration: Duration) {
+    /// C persistent connections, one 64-byte request at a time in a closed loop.
+    async fn steady(&self, connections: usize, duration: Duration, exchange: Exchange) {
         let connector = self.connector(true);
         let mut tasks = Vec::new();
         let mut streams = Vec::new();
@@ -230,19 +300,17 @@ impl Bench {
         let until = Instant::now() + duration;
         for stream in streams {
             tasks.push(tokio::spawn(async move {
-                let request = echo_request();
+                let request = exchange.request();
                 let mut stream = BufReader::new(stream);
-                let mut line = Vec::with_capacity(128);
+                let mut reply = Vec::with_capacity(128);
                 let mut latencies = Vec::new();
                 while Instant::now() < until {
                     let started = Instant::now();
                     if stream.get_mut().write_all(&request).await.is_err() {
                         break;
                     }
-                    line.clear();
-                    match stream.read_until(b'\n', &mut line).await {
-                        Ok(n) if n > 0 && line.starts_with(b"OK ") => {}
-                        _ => break,
+                    if !matches!(exchange.read_reply(&mut stream, &mut reply).await, Ok(true)) {
+                        break;
                     }
                     latencies.push(started.elapsed().as_micros() as u32);
                 }
@@ -253,8 +321,13 @@ impl Bench {
         for t in tasks {
             all.extend(t.await.expect("connection"));
         }
+        let name = if exchange == Exchange::Relay {
+            "relay"
+        } else {
+            "steady"
+        };
         println!(
-            "scenario=steady server={} connections={connections} requests={} rate={:.0} {} {}",
+            "scenario={name} server={} connections={connections} requests={} rate={:.0} {} {}",
             self.label,
             all.len(),
             all.len() as f64 / duration.as_secs_f64(),
@@ -409,19 +482,19 @@ fn cpu_ticks(pid: u32) -> u64 {
     field(14) + field(15)
 }
 
-/// Connect, handshake, one ECHO, close; returns whether the session was resumed.
-async fn one_echo(
+/// Connect, handshake, one request, close; returns whether the session was resumed.
+async fn one_request(
     bench: &Bench,
     connector: &TlsConnector,
     source: IpAddr,
+    exchange: Exchange,
 ) -> std::io::Result<bool> {
     let mut stream = bench.connect(connector, Some(source)).await?;
     let resumed = stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
-    stream.write_all(&echo_request()).await?;
+    stream.write_all(&exchange.request()).await?;
     let mut reply = BufReader::new(stream);
-    let mut line = Vec::new();
-    reply.read_until(b'\n', &mut line).await?;
-    if !line.starts_with(b"OK ") {
+    let mut buf = Vec::new();
+    if !exchange.read_reply(&mut reply, &mut buf).await? {
         return Err(std::io::Error::other("bad reply"));
     }
     let _ = reply.get_mut().shutdown().await;
@@ -491,6 +564,21 @@ async fn backend(listen: SocketAddr) {
                     return;
                 }
             }
+        });
+    }
+}
+
+/// Sends back every byte as it arrives, through one fixed buffer per connection.
+async fn raw_echo(listen: SocketAddr) {
+    let listener = TcpListener::bind(listen).await.expect("bind raw echo");
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(async move {
+            let (mut rd, mut wr) = stream.split();
+            let _ = tokio::io::copy(&mut rd, &mut wr).await;
         });
     }
 }

@@ -1,0 +1,189 @@
+#!/usr/bin/env bash
+# Compare portcullis as a relay (issue "upstream": messages mode and stream mode) with
+# HAProxy (TCP mode) and nginx (stream module), each terminating TLS and relaying to the same
+# plaintext byte-echo backend, with the end-to-end load tool (benches/load.rs).
+#
+#   apt-get install -y haproxy nginx-light libnginx-mod-stream   # once
+#   benches/relay.sh > benches/relay-results.md
+#
+# Layout as in benches/compare.sh: each server alone, pinned to core 0, one worker/thread;
+# the load tool and the backend (`load raw-echo`) on core 1. No PROXY header anywhere
+# (portcullis `send_proxy = "off"`), so every gateway sends the backend the same bytes.
+#
+# Scenarios: `relay` (CONNECTIONS persistent connections, a 64-byte binary frame echoed in
+# a closed loop: requests/s, p99, requests per server CPU-second) and `relay_handshake`
+# (WORKERS loops of connect + full handshake + one relayed frame + close: the cost of a new
+# client connection including the gateway's connection to the backend).
+#
+# Knobs (environment): SECONDS_PER_SCENARIO (5), WORKERS (4), CONNECTIONS (32), BASE_PORT
+# (24530), SERVER_CORE (0), CLIENT_CORE (1), KEEP_TMP (0).
+set -euo pipefail
+
+SECONDS_PER_SCENARIO=${SECONDS_PER_SCENARIO:-5}
+WORKERS=${WORKERS:-4}
+CONNECTIONS=${CONNECTIONS:-32}
+IDLE=0
+BASE_PORT=${BASE_PORT:-24530}
+SERVER_CORE=${SERVER_CORE:-0}
+CLIENT_CORE=${CLIENT_CORE:-1}
+KEEP_TMP=${KEEP_TMP:-0}
+SERVERS=(messages stream haproxy nginx)
+SCENARIOS=(relay relay_handshake)
+NGINX_STREAM_MODULE=${NGINX_STREAM_MODULE:-/usr/lib/nginx/modules/ngx_stream_module.so}
+
+TAG=relay
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# shellcheck source=benches/lib.sh
+source benches/lib.sh
+
+missing=()
+for program in cargo taskset haproxy nginx; do
+    command -v "$program" >/dev/null 2>&1 || missing+=("$program")
+done
+((${#missing[@]} == 0)) || die "missing: ${missing[*]} (apt-get install -y haproxy nginx-light libnginx-mod-stream)"
+[[ -f $NGINX_STREAM_MODULE ]] || die "no nginx stream module at $NGINX_STREAM_MODULE (apt-get install -y libnginx-mod-stream)"
+cores=$(nproc)
+((cores > SERVER_CORE && cores > CLIENT_CORE)) || die "needs cores $SERVER_CORE and $CLIENT_CORE; this machine has $cores"
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+build_release
+
+log "temp dir $DIR"
+"$PORTCULLIS" certs generate --out "$DIR/certs" >/dev/null
+CERTS=$DIR/certs
+cat "$CERTS/server.pem" "$CERTS/server.key" >"$DIR/haproxy.pem"
+chmod 600 "$DIR/haproxy.pem"
+
+free_port
+BPORT=$PORT
+start "$DIR/backend.log" taskset -c "$CLIENT_CORE" "$LOAD" raw-echo "127.0.0.1:$BPORT"
+wait_port "$BPORT" "$STARTED" backend "$DIR/backend.log"
+log "raw echo backend on 127.0.0.1:$BPORT"
+
+# portcullis: the benchmark configuration (one worker, auth off) relaying to the backend.
+config_portcullis() {
+    cp benches/bench.toml "$DIR/portcullis.toml"
+    CMD=(env "PORTCULLIS_SERVER_LISTEN=127.0.0.1:$1" "PORTCULLIS_UPSTREAM_SERVERS=127.0.0.1:$BPORT"
+        "PORTCULLIS_UPSTREAM_MODE=$2" PORTCULLIS_UPSTREAM_SEND_PROXY=off
+        "$PORTCULLIS" --config "$DIR/portcullis.toml" --log-level warn)
+}
+config_messages() { config_portcullis "$1" messages; }
+config_stream() { config_portcullis "$1" stream; }
+
+# HAProxy: TCP mode, one thread, no limits in the way.
+config_haproxy() {
+    cat >"$DIR/haproxy.cfg" <<EOF
+global
+    nbthread 1
+    maxconn 20000
+    tune.ssl.cachesize 20000
+    pidfile $DIR/haproxy.pid
+
+defaults
+    mode tcp
+    maxconn 20000
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+
+frontend gw
+    bind 127.0.0.1:$1 ssl crt $DIR/haproxy.pem ssl-min-ver TLSv1.2
+    default_backend echo
+
+backend echo
+    server b 127.0.0.1:$BPORT
+EOF
+    CMD=(haproxy -db -f "$DIR/haproxy.cfg")
+}
+
+# nginx: the stream module, one worker process, TLS 1.2+, no Nagle.
+config_nginx() {
+    cat >"$DIR/nginx.conf" <<EOF
+load_module $NGINX_STREAM_MODULE;
+worker_processes 1;
+daemon off;
+master_process off;
+pid $DIR/nginx.pid;
+error_log $DIR/nginx-error.log warn;
+events { worker_connections 20000; }
+stream {
+    ssl_session_cache shared:SSL:10m;
+    server {
+        listen 127.0.0.1:$1 ssl;
+        ssl_certificate $CERTS/server.pem;
+        ssl_certificate_key $CERTS/server.key;
+        ssl_protocols TLSv1.2 TLSv1.3;
+        tcp_nodelay on;
+        proxy_pass 127.0.0.1:$BPORT;
+    }
+}
+EOF
+    CMD=(nginx -e "$DIR/nginx-error.log" -p "$DIR" -c "$DIR/nginx.conf")
+}
+
+RESULTS=$DIR/results.txt
+NOTES=$DIR/notes.txt
+: >"$RESULTS"
+: >"$NOTES"
+run_servers
+
+awk '
+    { delete f; for (i = 1; i <= NF; i++) { split($i, kv, "="); f[kv[1]] = kv[2] } }
+    f["errors"] > 0 { printf "%s %s: %d errors\n", f["server"], f["scenario"], f["errors"] }
+' "$RESULTS" >>"$NOTES"
+
+# The best peer of a row: the larger value for rates, the smaller for latencies.
+best_peer() {
+    local scenario=$1 key=$2 better=$3
+    local h n
+    h=$(value "$scenario" haproxy "$key")
+    n=$(value "$scenario" nginx "$key")
+    awk -v h="$h" -v n="$n" -v better="$better" 'BEGIN {
+        if (h == "") { print n; exit } if (n == "") { print h; exit }
+        if (better == "higher") print (h + 0 > n + 0 ? h : n); else print (h + 0 < n + 0 ? h : n) }'
+}
+
+ROWS=(
+    "relayed requests/s|relay|rate|higher"
+    "relayed requests per server CPU-second|relay|per_server_cpu_s|higher"
+    "relay p99 (µs)|relay|p99_us|lower"
+    "relay p99.9 (µs)|relay|p999_us|lower"
+    "handshakes/s incl. upstream connect|relay_handshake|rate|higher"
+    "handshakes per server CPU-second|relay_handshake|per_server_cpu_s|higher"
+)
+
+echo "# portcullis relay vs HAProxy (TCP) vs nginx (stream)"
+echo
+echo "$(date -u '+%Y-%m-%d %H:%M UTC'), $(uname -m), $cores cores; $(haproxy -v 2>/dev/null | head -n 1 | cut -d' ' -f1-3);" \
+    "$(nginx -v 2>&1 | cut -d' ' -f3); portcullis $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+echo "Servers pinned to core $SERVER_CORE, load tool and byte-echo backend to core $CLIENT_CORE."
+echo "SECONDS_PER_SCENARIO=$SECONDS_PER_SCENARIO WORKERS=$WORKERS CONNECTIONS=$CONNECTIONS"
+echo
+echo "| metric | messages | stream | haproxy | nginx | messages/best | stream/best |"
+echo "|---|---:|---:|---:|---:|---:|---:|"
+for row in "${ROWS[@]}"; do
+    IFS='|' read -r label scenario key better <<<"$row"
+    m=$(value "$scenario" messages "$key")
+    s=$(value "$scenario" stream "$key")
+    h=$(value "$scenario" haproxy "$key")
+    n=$(value "$scenario" nginx "$key")
+    b=$(best_peer "$scenario" "$key" "$better")
+    echo "| $label | ${m:--} | ${s:--} | ${h:--} | ${n:--} | $(ratio "$m" "$b") | $(ratio "$s" "$b") |"
+done
+echo
+echo "\"best\" is the better of HAProxy and nginx in that row. Server CPU per relayed message is"
+echo "the inverse of \"requests per server CPU-second\": a ratio above 1 there means less CPU"
+echo "per message for portcullis. For p99 a ratio below 1 is better for portcullis."
+echo
+if [[ -s $NOTES ]]; then
+    echo "Notes:"
+    echo
+    sed 's/^/- /' "$NOTES"
+    echo
+fi
+echo "Raw result lines:"
+echo
+echo '```'
+cat "$RESULTS"
+echo '```'
