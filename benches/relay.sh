@@ -71,18 +71,19 @@ config_portcullis() {
 config_messages() { config_portcullis "$1" messages; }
 config_stream() { config_portcullis "$1" stream; }
 
-# HAProxy: TCP mode, one thread, no limits in the way.
+# HAProxy: TCP mode, one thread, no limits in the way (maxconn covers the scenarios'
+# connections; HAProxy reserves two descriptors each and checks them against ulimit -n).
 config_haproxy() {
     cat >"$DIR/haproxy.cfg" <<EOF
 global
     nbthread 1
-    maxconn 20000
+    maxconn 4000
     tune.ssl.cachesize 20000
     pidfile $DIR/haproxy.pid
 
 defaults
     mode tcp
-    maxconn 20000
+    maxconn 4000
     timeout connect 5s
     timeout client 60s
     timeout server 60s
