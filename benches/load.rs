@@ -111,15 +111,22 @@ fn main() {
             pid,
         };
         let duration = Duration::from_secs_f64(args.seconds);
+        let (workers, connections) = (args.workers, args.connections);
         for scenario in args.scenarios.split(',') {
             match scenario.trim() {
-                "handshake" => bench.handshakes(args.workers, duration, Exchange::Handshake).await,
-                "resume" => bench.handshakes(args.workers, duration, Exchange::Resume).await,
-                "relay_handshake" => {
-                    bench.handshakes(args.workers, duration, Exchange::Relay).await
+                "handshake" => {
+                    bench
+                        .handshakes(workers, duration, Exchange::Handshake)
+                        .await
                 }
-                "steady" => bench.steady(args.connections, duration, Exchange::Handshake).await,
-                "relay" => bench.steady(args.connections, duration, Exchange::Relay).await,
+                "resume" => bench.handshakes(workers, duration, Exchange::Resume).await,
+                "relay_handshake" => bench.handshakes(workers, duration, Exchange::Relay).await,
+                "steady" => {
+                    bench
+                        .steady(connections, duration, Exchange::Handshake)
+                        .await
+                }
+                "relay" => bench.steady(connections, duration, Exchange::Relay).await,
                 "idle" => bench.idle(args.idle, pid).await,
                 "reject" => bench.reject(duration).await,
                 other => eprintln!("unknown scenario {other}"),
