@@ -343,7 +343,8 @@ mod tests {
         let store = crate::auth::TokenStore::from_entries(&config.auth.tokens).unwrap();
         assert_eq!(store.verify(token.as_bytes()).unwrap().identity, "dev");
         let settings = crate::tls::TlsSettings::from_config(&config);
-        crate::tls::TlsMaterial::load(&settings).unwrap();
+        let ticketer = crate::tickets::Ticketer::new(config.tls.ticket_rotation).unwrap();
+        crate::tls::TlsMaterial::load(&settings, std::sync::Arc::new(ticketer)).unwrap();
 
         let second = dev_setup(dir.path()).unwrap();
         assert!(!second.created);

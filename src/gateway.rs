@@ -20,6 +20,7 @@ use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::proxy_protocol::ProxySettings;
 use crate::shutdown::Shutdown;
+use crate::tickets::Ticketer;
 use crate::tls::{TlsMaterial, TlsSettings, TlsState};
 use crate::upstream::Upstream;
 
@@ -34,6 +35,8 @@ pub enum StartError {
     Upstream(#[from] crate::upstream::UpstreamInitError),
     #[error(transparent)]
     Cluster(#[from] crate::cluster::ClusterError),
+    #[error(transparent)]
+    Tickets(#[from] crate::tickets::NoRandomness),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -99,12 +102,13 @@ impl Gateway {
     /// Loads TLS material and tokens; fails on anything the configuration got wrong.
     pub fn new(config: Config, shutdown: Shutdown) -> Result<Self, StartError> {
         let settings = TlsSettings::from_config(&config);
-        let material = TlsMaterial::load(&settings)?;
+        let ticketer = Arc::new(Ticketer::new(config.tls.ticket_rotation)?);
+        let material = TlsMaterial::load(&settings, ticketer.clone())?;
         crate::metrics::cert_not_after(material.not_after);
         let tokens = TokenStore::from_entries(&config.auth.tokens)?;
-        let cluster = Cluster::from_config(&config)?.map(Arc::new);
+        let cluster = Cluster::from_config(&config, ticketer.clone())?.map(Arc::new);
         Ok(Gateway {
-            tls: TlsState::new(settings, material),
+            tls: TlsState::new(settings, material, ticketer),
             tokens: ArcSwap::from_pointee(tokens),
             admission: Admission::new(&config).with_cluster(cluster.clone()),
             cluster,
@@ -197,7 +201,7 @@ impl Gateway {
             tracing::warn!(keys = ?kept, "changed keys need a restart; keeping their running values");
         }
         let settings = TlsSettings::from_config(&fresh);
-        let material = TlsMaterial::load(&settings)?;
+        let material = TlsMaterial::load(&settings, self.tls.ticketer())?;
         let tokens = TokenStore::from_entries(&fresh.auth.tokens)?;
         // Everything is loaded: from here on nothing fails.
         crate::metrics::cert_not_after(material.not_after);

@@ -10,8 +10,8 @@
 //!    client address; [`admission`] then decides, before any TLS work and at the cost of an
 //!    accept and a close, whether that client may connect at all: the one place a
 //!    connection is admitted.
-//! 3. [`tls`] holds the rustls configuration (hot-swappable); [`handshake`] runs the
-//!    handshake under a timeout, and [`session`] tells the story of the connection itself.
+//! 3. [`tls`] holds the rustls configuration (hot-swappable; its session-ticket keys, which
+//!    outlive reloads, in [`tickets`]); [`handshake`] runs the handshake under a timeout, and [`session`] tells the story of the connection itself.
 //! 4. [`codec`] splits the byte stream into binary frames or text lines, refusing any
 //!    message over its cap before buffering it.
 //! 5. [`auth`] turns a client certificate or a token into a principal; [`command`] serves
@@ -25,7 +25,7 @@
 //!
 //! [`gateway`] is the state every connection shares (it imports nothing above it) and
 //! applies a reloaded configuration whole, waking open connections to check themselves
-//! against it; [`cluster`] shares limits and bans with other replicas through
+//! against it; [`cluster`] shares limits, bans and ticket keys with other replicas through
 //! Redis; [`config`] is the typed configuration, [`deadline`] computes deadlines that
 //! cannot overflow, [`reload`] triggers reloads (SIGHUP, polling), and [`bootstrap`] is the
 //! development set-up.
@@ -49,5 +49,6 @@ pub mod reload;
 pub mod server;
 pub mod session;
 pub mod shutdown;
+pub mod tickets;
 pub mod tls;
 pub mod upstream;

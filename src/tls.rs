@@ -16,6 +16,7 @@ use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyD
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{Config, TlsVersion};
+use crate::tickets::Ticketer;
 
 /// Why TLS material could not be loaded. The old material stays in use.
 #[derive(Debug, thiserror::Error)]
@@ -86,7 +87,8 @@ impl TlsMaterial {
     /// Reads the files and builds a server configuration: TLS 1.2 (unless `min_version` is
     /// 1.3) and 1.3, session tickets on, the configured ALPN, and client certificates
     /// verified against `client_ca` when set, and refused when a `client_crl` revokes them.
-    pub fn load(settings: &TlsSettings) -> Result<Self, TlsError> {
+    /// Tickets are made by `ticketer`, the process's one (it outlives reloads).
+    pub fn load(settings: &TlsSettings, ticketer: Arc<Ticketer>) -> Result<Self, TlsError> {
         let certs = load_certs(&settings.cert)?;
         let key = PrivateKeyDer::from_pem_file(&settings.key).map_err(|e| TlsError::Key {
             path: settings.key.clone(),
@@ -110,7 +112,7 @@ impl TlsMaterial {
         };
         let mut config = builder.with_single_cert(certs, key)?;
         config.alpn_protocols = settings.alpn.clone();
-        config.ticketer = rustls::crypto::ring::Ticketer::new()?;
+        config.ticketer = ticketer;
         Ok(TlsMaterial {
             server_config: Arc::new(config),
             client_verifier,
@@ -159,17 +161,26 @@ struct Active {
 /// The live TLS configuration: handshakes take the current one, a reload swaps it.
 pub struct TlsState {
     current: ArcSwap<Active>,
+    /// The session-ticket keys, the same in every configuration built (SPEC 7: tickets
+    /// survive reloads).
+    ticketer: Arc<Ticketer>,
 }
 
 impl TlsState {
-    pub fn new(settings: TlsSettings, material: TlsMaterial) -> Self {
+    pub fn new(settings: TlsSettings, material: TlsMaterial, ticketer: Arc<Ticketer>) -> Self {
         TlsState {
+            ticketer,
             current: ArcSwap::from_pointee(Active {
                 settings,
                 server_config: material.server_config,
                 client_verifier: material.client_verifier,
             }),
         }
+    }
+
+    /// The ticketer every configuration of this process uses.
+    pub fn ticketer(&self) -> Arc<Ticketer> {
+        self.ticketer.clone()
     }
 
     /// An acceptor for one new connection, using the configuration current right now.

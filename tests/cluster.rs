@@ -4,7 +4,12 @@
 mod support;
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use rustls::pki_types::ServerName;
+use rustls::HandshakeKind;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 use support::redis_server::RedisServer;
 use support::*;
@@ -316,4 +321,107 @@ async fn an_address_spray_leaves_no_key_without_a_ttl() {
         let ttl = redis.pttl(key);
         assert!(ttl > 0, "{key} has no TTL ({ttl})");
     }
+}
+
+/// Connects with `config` (whose session store is shared between calls), reads one reply so
+/// that the server's session tickets arrive, and says whether the handshake was resumed.
+async fn handshake_kind(addr: SocketAddr, config: &Arc<rustls::ClientConfig>) -> HandshakeKind {
+    let tcp = tcp_connect(addr, None).await.expect("connect");
+    let name = ServerName::try_from("localhost").unwrap();
+    let connector = tokio_rustls::TlsConnector::from(config.clone());
+    let mut tls = connector.connect(name, tcp).await.expect("handshake");
+    tls.write_all(b"PING\n").await.unwrap();
+    let mut line = String::new();
+    let mut reader = BufReader::new(&mut tls);
+    tokio::time::timeout(REPLY_TIMEOUT, reader.read_line(&mut line))
+        .await
+        .expect("reply in time")
+        .unwrap();
+    assert_eq!(line, "OK PONG\n");
+    tls.get_ref().1.handshake_kind().expect("handshake done")
+}
+
+/// A client configuration of its own: a fresh session store.
+fn fresh_client(certs: &TestCerts) -> Arc<rustls::ClientConfig> {
+    client_config(&certs.paths.ca_cert, &ClientOptions::default())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_ticket_from_one_replica_resumes_on_another() {
+    let certs = TestCerts::new();
+    let redis = RedisServer::start();
+    let a = replica(&certs, Some(&redis), "");
+    let b = replica(&certs, Some(&redis), "");
+    wait_cluster_up(&a, 1.0, Duration::from_secs(5));
+    wait_cluster_up(&b, 1.0, Duration::from_secs(5));
+    // The keys are read within a second of the first sync.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for tls12 in [false, true] {
+        let config = client_config(
+            &certs.paths.ca_cert,
+            &ClientOptions {
+                tls12_only: tls12,
+                ..Default::default()
+            },
+        );
+        assert_eq!(handshake_kind(a.addr, &config).await, HandshakeKind::Full);
+        assert_eq!(
+            handshake_kind(b.addr, &config).await,
+            HandshakeKind::Resumed,
+            "a ticket from A resumes on B (TLS 1.2 only: {tls12})"
+        );
+        assert_eq!(
+            handshake_kind(a.addr, &config).await,
+            HandshakeKind::Resumed
+        );
+    }
+    let keys = redis.keys();
+    let ticket_keys: Vec<_> = keys
+        .iter()
+        .filter(|k| k.starts_with("portcullis:ticket:"))
+        .collect();
+    assert_eq!(
+        ticket_keys.len(),
+        1,
+        "one key for the current period: {keys:?}"
+    );
+    assert!(
+        redis.pttl(ticket_keys[0]) > 24 * 3600 * 1000,
+        "two periods of 12 h"
+    );
+    drop((a, b));
+
+    // Standalone replicas each have their own keys: no resumption across them.
+    let a = replica(&certs, None, "");
+    let b = replica(&certs, None, "");
+    let config = fresh_client(&certs);
+    assert_eq!(handshake_kind(a.addr, &config).await, HandshakeKind::Full);
+    assert_eq!(handshake_kind(b.addr, &config).await, HandshakeKind::Full);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standalone_resumption_survives_a_reload() {
+    let certs = TestCerts::new();
+    let p = replica(&certs, None, "");
+    let config = fresh_client(&certs);
+    assert_eq!(handshake_kind(p.addr, &config).await, HandshakeKind::Full);
+    assert_eq!(
+        handshake_kind(p.addr, &config).await,
+        HandshakeKind::Resumed
+    );
+    p.signal(libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while sample(
+        &scrape(p.admin),
+        "portcullis_config_reloads_total{result=\"ok\"}",
+    ) < 1.0
+    {
+        assert!(Instant::now() < deadline, "no reload: {}", p.stderr());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        handshake_kind(p.addr, &config).await,
+        HandshakeKind::Resumed,
+        "a ticket issued before SIGHUP resumes after it"
+    );
 }

@@ -35,13 +35,16 @@ fn connector(cas: &[&Path]) -> TlsConnector {
             .add(CertificateDer::from_pem_file(ca).unwrap())
             .unwrap();
     }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
     .unwrap()
     .with_root_certificates(roots)
     .with_no_client_auth();
+    // Session tickets survive reloads (SPEC 7): a resumed session would show the
+    // certificate of its first handshake, not the one served now.
+    config.resumption = rustls::client::Resumption::disabled();
     TlsConnector::from(Arc::new(config))
 }
 

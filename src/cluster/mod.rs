@@ -1,5 +1,5 @@
 //! Cluster mode (SPEC 7): replicas behind one balancer share bans, authentication failures,
-//! connection rates (and, next, TLS ticket keys) through Redis (or Valkey).
+//! connection rates and TLS ticket keys through Redis (or Valkey).
 //!
 //! # Admission never waits on Redis
 //!
@@ -49,6 +49,15 @@
 //! within two sync intervals plus a round trip, and closes the key's open connections on
 //! every replica. The local failure window also bans on its own, as standalone.
 //!
+//! # Session-ticket keys
+//!
+//! Every second (not every sync) a second script returns the keys of the current and
+//! previous rotation periods (`tls.ticket_rotation`, counted on Redis' clock), creating the
+//! current one with SET NX when this replica is the first to need it; the sync task installs
+//! them in the process's [`Ticketer`], which encrypts with the current and still decrypts
+//! with the previous. Until Redis first answers, tickets are encrypted with a local key and
+//! resume on this replica only.
+//!
 //! # What is not shared
 //!
 //! `max_connections_per_ip`, `max_connections`, handshake capacity and the command rate
@@ -59,7 +68,7 @@
 //!
 //! The script sets a TTL on every key in the same atomic call that writes it: rate hashes
 //! 12 s, failure sets `failure_window`, bans the longest live ban, the ban log 60 s, the
-//! replica set 5 s. So the number of keys is bounded
+//! replica set 5 s; ticket keys two rotation periods and a minute. So the number of keys is bounded
 //! by what a spray writes in 12 s (rates) or `failure_window` (failures, which each cost a
 //! TLS handshake).
 
@@ -75,6 +84,7 @@ use arc_swap::ArcSwap;
 use dashmap::DashMap;
 
 use crate::config::Config;
+use crate::tickets::Ticketer;
 use rate::SharedRate;
 
 /// The most keys whose failures wait for the next sync: beyond it a failure is counted
@@ -96,6 +106,7 @@ pub struct ClusterSettings {
     pub failure_window: Duration,
     pub max_failures: u32,
     pub ban_duration: Duration,
+    pub ticket_rotation: Duration,
 }
 
 impl ClusterSettings {
@@ -106,6 +117,7 @@ impl ClusterSettings {
             failure_window: config.auth.failure_window,
             max_failures: config.auth.max_failures,
             ban_duration: config.auth.ban_duration,
+            ticket_rotation: config.tls.ticket_rotation,
         }
     }
 }
@@ -122,12 +134,17 @@ pub struct Cluster {
     failures: DashMap<IpAddr, u32>,
     /// Whether the last sync succeeded: while false, only local limits apply.
     up: AtomicBool,
+    /// The process's session-ticket keys, which the sync replaces with the shared ones.
+    tickets: Arc<Ticketer>,
 }
 
 impl Cluster {
     /// The cluster link when `[cluster] redis` is set; `None` standalone. Does not connect:
     /// the sync task does, in the background.
-    pub fn from_config(config: &Config) -> Result<Option<Cluster>, ClusterError> {
+    pub fn from_config(
+        config: &Config,
+        tickets: Arc<Ticketer>,
+    ) -> Result<Option<Cluster>, ClusterError> {
         let Some(url) = config.cluster.redis() else {
             return Ok(None);
         };
@@ -144,6 +161,7 @@ impl Cluster {
             ),
             failures: DashMap::new(),
             up: AtomicBool::new(false),
+            tickets,
         }))
     }
 

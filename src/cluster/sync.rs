@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::rate::BUCKETS;
 use super::Cluster;
 use crate::error::ClusterOp;
+use crate::tickets::KEY_LEN;
 
 /// Connecting, and any one exchange, may take this long before Redis counts as down: a
 /// slow Redis then costs shared accuracy, never a connection's time.
@@ -22,10 +23,15 @@ const REDIS_TIMEOUT: Duration = Duration::from_secs(1);
 /// Reconnection backoff bounds.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How often the session-ticket keys are read: a new rotation period is picked up within
+/// this, far below any sensible `ticket_rotation`.
+const TICKET_REFRESH: Duration = Duration::from_secs(1);
 
 /// What the script returns: Redis' clock (ms), the replica count, the rate totals in batch
 /// order, the ban members (`"<key> <until ms>"`) and the next ban cursor.
 type SyncReply = (i64, u64, Vec<u64>, Vec<String>, i64);
+/// What the ticket script returns: the rotation period, its key and the previous one (hex).
+type TicketReply = (u64, String, String);
 
 /// Why one sync failed.
 #[derive(Debug, thiserror::Error)]
@@ -40,9 +46,12 @@ enum SyncError {
 /// `stop` is cancelled.
 pub async fn run(cluster: Arc<Cluster>, ban: impl Fn(IpAddr, Instant), stop: CancellationToken) {
     let script = Script::new(include_str!("sync.lua"));
+    let tickets = Script::new(include_str!("tickets.lua"));
     let mut link = Link {
         cluster: &cluster,
         script: &script,
+        tickets: &tickets,
+        tickets_read: None,
         connection: None,
         cursor: 0,
         logged: None,
@@ -79,6 +88,9 @@ pub async fn run(cluster: Arc<Cluster>, ban: impl Fn(IpAddr, Instant), stop: Can
 struct Link<'a> {
     cluster: &'a Cluster,
     script: &'a Script,
+    tickets: &'a Script,
+    /// When the ticket keys were last read.
+    tickets_read: Option<Instant>,
     /// Dropped on any error, so the next sync reconnects.
     connection: Option<MultiplexedConnection>,
     /// Redis' time of the last ban read, 0 before the first: then all live bans are read.
@@ -103,11 +115,11 @@ impl Link<'_> {
         let started = Instant::now();
         let batch = self.cluster.rate.take_batch();
         let failures = self.take_failures();
-        match self.exchange(connection, &batch, &failures).await {
+        match self.exchange(connection.clone(), &batch, &failures).await {
             Ok(reply) => {
                 crate::metrics::cluster_sync(started.elapsed());
                 self.apply(&batch, reply, ban);
-                Ok(())
+                self.refresh_tickets(connection).await
             }
             Err(e) => {
                 self.cluster.rate.abandon(&batch);
@@ -134,6 +146,41 @@ impl Link<'_> {
             .filter_map(|k| self.cluster.failures.remove(&k))
             .map(|(k, n)| (k, n.min(cap)))
             .collect()
+    }
+
+    /// Reads (or creates) the shared ticket keys, at most every [`TICKET_REFRESH`].
+    async fn refresh_tickets(
+        &mut self,
+        mut connection: MultiplexedConnection,
+    ) -> Result<(), (ClusterOp, String)> {
+        if self
+            .tickets_read
+            .is_some_and(|at| at.elapsed() < TICKET_REFRESH)
+        {
+            return Ok(());
+        }
+        let s = self.cluster.settings();
+        let rotation = s.ticket_rotation.as_secs().max(1);
+        let ttl = millis(s.ticket_rotation * 2 + Duration::from_secs(60));
+        let candidate = hex::encode(rand::random::<[u8; KEY_LEN]>());
+        let mut call = self.tickets.prepare_invoke();
+        call.arg(&s.prefix).arg(rotation).arg(candidate).arg(ttl);
+        let reply: TicketReply =
+            match tokio::time::timeout(REDIS_TIMEOUT, call.invoke_async(&mut connection)).await {
+                Ok(Ok(reply)) => reply,
+                Ok(Err(e)) => return Err((ClusterOp::Fetch, e.to_string())),
+                Err(_) => return Err((ClusterOp::Fetch, SyncError::Timeout.to_string())),
+            };
+        self.tickets_read = Some(Instant::now());
+        let (period, current, previous) = reply;
+        let Some(current) = decode_key(&current) else {
+            return Err((ClusterOp::Fetch, "malformed ticket key in Redis".into()));
+        };
+        let previous = decode_key(&previous);
+        self.cluster
+            .tickets
+            .install_shared(period, &current, previous.as_ref());
+        Ok(())
     }
 
     /// One script call.
@@ -204,7 +251,7 @@ impl Link<'_> {
         self.logged = Some(up);
         crate::metrics::cluster_up(up);
         if up {
-            tracing::info!("cluster: Redis answers; sharing limits and bans");
+            tracing::info!("cluster: Redis answers; sharing limits, bans and ticket keys");
         } else {
             tracing::warn!(
                 error = error.unwrap_or(""),
@@ -220,6 +267,11 @@ impl Link<'_> {
         self.cluster.failures.shrink_to_fit();
         self.cluster.rate.prune();
     }
+}
+
+/// A ticket key as Redis holds it: hex.
+fn decode_key(text: &str) -> Option<[u8; KEY_LEN]> {
+    hex::decode(text).ok()?.try_into().ok()
 }
 
 /// `"<client key> <until ms>"`.
