@@ -609,6 +609,15 @@ fn replicas_trust_only_the_balancer_for_proxy_headers() {
         .parse()
         .unwrap();
     assert!(subnet.contains(&haproxy), "{haproxy} in {subnet}");
+    // Other containers get addresses from ip_range only, so HAProxy's is never taken first.
+    let dynamic: ipnet::Ipv4Net = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("ip_range:"))
+        .expect("compose confines dynamic addresses to an ip_range")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(subnet.contains(&dynamic) && !dynamic.contains(&haproxy));
     let trusted = toml_list("proxy_protocol", "trusted");
     assert_eq!(trusted, [format!("{haproxy}/32")]);
 }
