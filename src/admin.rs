@@ -1,6 +1,6 @@
 //! The admin HTTP listener: `/metrics` (Prometheus text), `/healthz` (200 while the process
 //! runs), `/readyz` (200 while accepting, 503 from the moment a drain begins and while no
-//! upstream server is up), 404 for the rest. Loopback by default: metrics describe the
+//! upstream server is up), the ban endpoints of [`crate::admin_bans`], 404 for the rest. Loopback by default: metrics describe the
 //! attack surface and are not public.
 //!
 //! Bounded like the gateway itself, so that no client can hold the listener or the process:
@@ -20,11 +20,11 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use axum::Router;
+use axum::{Extension, Router};
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
@@ -66,9 +66,11 @@ pub async fn serve(
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
+                Ok((stream, peer)) => {
                     let slot = slots.take();
-                    let serving = serve_connection(stream, router.clone(), slot, limits, stop.clone());
+                    // The source address, for the log line of each admin write.
+                    let router = router.clone().layer(Extension(ConnectInfo(peer)));
+                    let serving = serve_connection(stream, router, slot, limits, stop.clone());
                     connections.spawn(serving);
                 }
                 Err(e) => {
@@ -97,7 +99,8 @@ fn router(state: AdminState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n") })
-        .with_state(state)
+        .with_state(state.clone())
+        .merge(crate::admin_bans::router(state.gateway))
 }
 
 async fn render_metrics(State(state): State<AdminState>) -> impl IntoResponse {

@@ -41,6 +41,7 @@ use ipnet::IpNet;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+use crate::bans::{BansFull, NetBans};
 use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::error::RejectReason;
@@ -172,10 +173,39 @@ pub struct Admission {
     per_key: Arc<DashMap<IpAddr, KeyEntry>>,
     /// Ban expiry per key.
     bans: DashMap<IpAddr, Instant>,
+    /// Networks banned through the admin API.
+    net_bans: NetBans,
     /// Recent authentication failures per key; an entry lives while it holds one.
     failures: DashMap<IpAddr, FailureLog>,
     /// Cluster mode: the shared connection rate and failure counts (SPEC 7).
     cluster: Option<Arc<Cluster>>,
+}
+
+/// Why a ban is in force, as `GET /bans` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BanReason {
+    /// Set through the admin API.
+    Admin,
+    /// More than `auth.max_failures` failed authentications.
+    AuthFailures,
+}
+
+impl BanReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BanReason::Admin => "admin",
+            BanReason::AuthFailures => "auth_failures",
+        }
+    }
+}
+
+/// One ban in force: a network (admin API, shown as a CIDR) or a client key
+/// (authentication failures, shown as an address).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ban {
+    pub key: String,
+    pub until: Instant,
+    pub reason: BanReason,
 }
 
 /// Held by a connection for its whole life; gives its global place back on drop (every exit
@@ -248,6 +278,7 @@ impl Admission {
             rate: ArcSwap::from_pointee(RateLimit::new(config)),
             per_key: Arc::new(DashMap::new()),
             bans: DashMap::new(),
+            net_bans: NetBans::default(),
             failures: DashMap::new(),
             cluster: None,
         }
@@ -318,7 +349,7 @@ impl Admission {
             return Err(RejectReason::Denied);
         }
         let key = client_key(ip, rules.ipv6_prefix);
-        if self.is_banned(key) {
+        if self.is_banned(key) || self.net_bans.covers(ip) {
             return Err(RejectReason::Banned);
         }
         if self.cluster.as_ref().is_some_and(|c| !c.may_admit(key))
@@ -356,10 +387,53 @@ impl Admission {
         if rules.denies(ip) {
             return Err(RejectReason::Denied);
         }
-        if self.is_banned(client_key(ip, rules.ipv6_prefix)) {
+        if self.is_banned(client_key(ip, rules.ipv6_prefix)) || self.net_bans.covers(ip) {
             return Err(RejectReason::Banned);
         }
         Ok(())
+    }
+
+    /// Bans `net` for `duration` (admin API): new connections from it are refused; the
+    /// caller wakes open ones to check themselves. Refused when `max` bans are in force.
+    pub fn ban_network(&self, net: IpNet, duration: Duration, max: usize) -> Result<(), BansFull> {
+        let until = crate::deadline::after(Instant::now(), duration);
+        self.net_bans.insert(net, until, max)
+    }
+
+    /// Lifts the admin ban of exactly `net`. False when there was none.
+    pub fn lift_network_ban(&self, net: IpNet) -> bool {
+        self.net_bans.remove(net)
+    }
+
+    /// Lifts the bans of one address: an admin ban of that address alone and the ban of its
+    /// client key (authentication failures). False when neither was in force.
+    pub fn lift_address_ban(&self, ip: IpAddr) -> bool {
+        let ip = normalize_ip(ip);
+        let lifted_net = self.net_bans.remove(IpNet::from(ip));
+        let key = client_key(ip, self.rules.load().ipv6_prefix);
+        let lifted_key = self.bans.remove(&key).is_some();
+        lifted_net || lifted_key
+    }
+
+    /// Every ban in force: the admin API's networks, then the keys banned after
+    /// authentication failures (at most `limit` in all).
+    pub fn bans(&self, limit: usize) -> Vec<Ban> {
+        let now = Instant::now();
+        let nets = self.net_bans.in_force().into_iter().map(|ban| Ban {
+            key: ban.net.to_string(),
+            until: ban.until,
+            reason: BanReason::Admin,
+        });
+        let keys = self
+            .bans
+            .iter()
+            .filter(|entry| *entry.value() > now)
+            .map(|entry| Ban {
+                key: entry.key().to_string(),
+                until: *entry.value(),
+                reason: BanReason::AuthFailures,
+            });
+        nets.chain(keys).take(limit).collect()
     }
 
     /// A handshake slot for a client whose first byte has arrived (a silent connection holds
@@ -466,6 +540,7 @@ impl Admission {
         rate.limiter.shrink_to_fit();
         self.bans.retain(|_, expiry| *expiry > now);
         self.bans.shrink_to_fit();
+        self.net_bans.prune();
         let window = self.rules.load().failure_window;
         self.failures.retain(|_, log| {
             log.expire(now, window);
@@ -480,7 +555,7 @@ impl Admission {
             connection_rate: self.rate.load().limiter.len(),
             concurrency: self.per_key.len(),
             auth_failures: self.failures.len(),
-            bans: self.bans.len(),
+            bans: self.bans.len() + self.net_bans.len(),
         }
     }
 

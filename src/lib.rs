@@ -19,9 +19,10 @@
 //!    [`upstream`] relays the authenticated connection to the operator's own service (the
 //!    choice is [`gateway::Service`]).
 //! 6. [`metrics`] names every metric and writes the rate-limited security log ([`logging`]
-//!    holds every other line a peer can cause, libraries' included, to the same limit); [`admin`]
-//!    serves `/metrics`, `/healthz` and `/readyz`; [`error`] holds the closed sets that
-//!    become labels.
+//!    holds every other line a peer can cause, libraries' included, to the same limit);
+//!    [`admin`] serves `/metrics`, `/healthz` and `/readyz`, and [`admin_bans`] the
+//!    operator's ban endpoints (the list itself is [`bans`]); [`error`] holds the closed
+//!    sets that become labels.
 //!
 //! [`gateway`] is the state every connection shares (it imports nothing above it) and
 //! applies a reloaded configuration whole, waking open connections to check themselves
@@ -31,8 +32,10 @@
 //! development set-up.
 
 pub mod admin;
+pub mod admin_bans;
 pub mod admission;
 pub mod auth;
+pub mod bans;
 pub mod bootstrap;
 pub mod cluster;
 pub mod codec;

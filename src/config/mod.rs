@@ -14,6 +14,8 @@ use serde::{Deserialize, Serialize};
 mod env;
 mod validate;
 
+pub use validate::MAX_DURATION;
+
 use env::apply_env;
 
 /// The largest `max_frame_bytes` allowed: 16 MiB - 1, which keeps the first byte of every

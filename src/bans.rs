@@ -1,0 +1,161 @@
+//! Bans an operator sets through the admin API (SPEC section 9): whole networks, each until
+//! an expiry, at most `admin.max_bans` at once. Read on every admission and written rarely,
+//! so the list is copied on write and read without a lock; an empty list costs one load.
+
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use ipnet::IpNet;
+
+/// One network banned until `until`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetBan {
+    pub net: IpNet,
+    pub until: Instant,
+}
+
+/// The ban list is at its cap: refused rather than grown.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{0} bans are in force already (admin.max_bans)")]
+pub struct BansFull(pub usize);
+
+/// The networks banned through the admin API.
+pub struct NetBans {
+    list: ArcSwap<Vec<NetBan>>,
+    /// Serialises writers, so that none loses another's change.
+    write: Mutex<()>,
+}
+
+impl Default for NetBans {
+    fn default() -> Self {
+        NetBans {
+            list: ArcSwap::from_pointee(Vec::new()),
+            write: Mutex::new(()),
+        }
+    }
+}
+
+impl NetBans {
+    /// Whether a ban in force covers `ip`.
+    pub fn covers(&self, ip: IpAddr) -> bool {
+        let list = self.list.load();
+        if list.is_empty() {
+            return false;
+        }
+        let now = Instant::now();
+        list.iter()
+            .any(|ban| ban.until > now && ban.net.contains(&ip))
+    }
+
+    /// Bans `net` until `until`, replacing a ban of the same network. Expired bans are
+    /// dropped first; refused when `max` others are still in force.
+    pub fn insert(&self, net: IpNet, until: Instant, max: usize) -> Result<(), BansFull> {
+        let net = net.trunc();
+        self.update(|list| {
+            let now = Instant::now();
+            list.retain(|ban| ban.until > now && ban.net != net);
+            if list.len() >= max {
+                return Err(BansFull(list.len()));
+            }
+            list.push(NetBan { net, until });
+            Ok(())
+        })
+    }
+
+    /// Lifts the ban of exactly `net`; false when there was none.
+    pub fn remove(&self, net: IpNet) -> bool {
+        let net = net.trunc();
+        self.update(|list| {
+            let before = list.len();
+            list.retain(|ban| ban.net != net);
+            list.len() != before
+        })
+    }
+
+    /// The bans in force, oldest first.
+    pub fn in_force(&self) -> Vec<NetBan> {
+        let now = Instant::now();
+        self.list
+            .load()
+            .iter()
+            .filter(|ban| ban.until > now)
+            .cloned()
+            .collect()
+    }
+
+    /// Drops expired bans.
+    pub fn prune(&self) {
+        let now = Instant::now();
+        if self.list.load().iter().all(|ban| ban.until > now) {
+            return;
+        }
+        self.update(|list| list.retain(|ban| ban.until > now));
+    }
+
+    pub fn len(&self) -> usize {
+        self.list.load().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.list.load().is_empty()
+    }
+
+    /// Applies `change` to a copy of the list and publishes it.
+    fn update<T>(&self, change: impl FnOnce(&mut Vec<NetBan>) -> T) -> T {
+        let _writer = self.write.lock().unwrap_or_else(|e| e.into_inner());
+        let mut list = Vec::clone(&self.list.load());
+        let result = change(&mut list);
+        self.list.store(Arc::new(list));
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn covers_its_network_until_it_expires() {
+        let bans = NetBans::default();
+        let later = Instant::now() + Duration::from_secs(60);
+        bans.insert(net("203.0.113.9/24"), later, 4).unwrap();
+        assert!(bans.covers("203.0.113.200".parse().unwrap()));
+        assert!(!bans.covers("203.0.114.1".parse().unwrap()));
+        assert_eq!(
+            bans.in_force()[0].net,
+            net("203.0.113.0/24"),
+            "stored truncated"
+        );
+        assert!(bans.remove(net("203.0.113.0/24")));
+        assert!(!bans.covers("203.0.113.200".parse().unwrap()));
+        assert!(!bans.remove(net("203.0.113.0/24")));
+
+        bans.insert(net("198.51.100.0/24"), Instant::now(), 4)
+            .unwrap();
+        assert!(!bans.covers("198.51.100.1".parse().unwrap()), "expired");
+        bans.prune();
+        assert!(bans.is_empty());
+    }
+
+    #[test]
+    fn the_list_is_capped_and_a_repeat_replaces() {
+        let bans = NetBans::default();
+        let later = Instant::now() + Duration::from_secs(60);
+        bans.insert(net("10.0.0.0/8"), later, 2).unwrap();
+        bans.insert(net("10.0.0.0/8"), later, 2).unwrap();
+        bans.insert(net("192.0.2.0/24"), later, 2).unwrap();
+        assert_eq!(bans.len(), 2);
+        assert_eq!(
+            bans.insert(net("198.51.100.0/24"), later, 2),
+            Err(BansFull(2))
+        );
+        bans.insert(net("192.0.2.0/24"), later, 2).unwrap();
+    }
+}
