@@ -7,7 +7,7 @@
 //! [`Rewind`], never lost. Only peers inside `proxy_protocol.trusted` are read this way.
 
 use std::io;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -91,7 +91,10 @@ impl ProxySettings {
         }
         let read = tokio::time::timeout(self.header_timeout, self.read_header(io)).await;
         match read {
-            Ok(Ok(Header::Source(Some(ip)))) => Outcome::Client(normalize_ip(ip)),
+            Ok(Ok(Header::Source(Some(source)))) => {
+                io.source_port = Some(source.port());
+                Outcome::Client(normalize_ip(source.ip()))
+            }
             Ok(Ok(Header::Source(None))) => Outcome::Client(socket_ip),
             Ok(Ok(Header::Absent)) if self.mode == ProxyMode::Optional => {
                 Outcome::Client(socket_ip)
@@ -150,7 +153,7 @@ impl ProxySettings {
 #[derive(Debug, PartialEq, Eq)]
 enum Header {
     /// The source address; `None` for v2 LOCAL, v1 UNKNOWN and non-TCP families.
-    Source(Option<IpAddr>),
+    Source(Option<SocketAddr>),
     /// The first bytes are not a PROXY header.
     Absent,
     /// Closed before any byte.
@@ -184,8 +187,8 @@ fn parse_v1(bytes: &[u8]) -> Result<Option<(Header, usize)>, HeaderError> {
     let header = ppp::v1::Header::try_from(&bytes[..used])
         .map_err(|e| HeaderError::Malformed(e.to_string()))?;
     let source = match header.addresses {
-        ppp::v1::Addresses::Tcp4(a) => Some(IpAddr::V4(a.source_address)),
-        ppp::v1::Addresses::Tcp6(a) => Some(IpAddr::V6(a.source_address)),
+        ppp::v1::Addresses::Tcp4(a) => Some(SocketAddr::from((a.source_address, a.source_port))),
+        ppp::v1::Addresses::Tcp6(a) => Some(SocketAddr::from((a.source_address, a.source_port))),
         ppp::v1::Addresses::Unknown => None,
     };
     Ok(Some((Header::Source(source), used)))
@@ -207,10 +210,10 @@ fn parse_v2(bytes: &[u8], max_v2_bytes: usize) -> Result<Option<(Header, usize)>
         .map_err(|e| HeaderError::Malformed(e.to_string()))?;
     let source = match (header.command, header.protocol, header.addresses) {
         (ppp::v2::Command::Proxy, ppp::v2::Protocol::Stream, ppp::v2::Addresses::IPv4(a)) => {
-            Some(IpAddr::V4(a.source_address))
+            Some(SocketAddr::from((a.source_address, a.source_port)))
         }
         (ppp::v2::Command::Proxy, ppp::v2::Protocol::Stream, ppp::v2::Addresses::IPv6(a)) => {
-            Some(IpAddr::V6(a.source_address))
+            Some(SocketAddr::from((a.source_address, a.source_port)))
         }
         _ => None,
     };
@@ -229,6 +232,8 @@ pub fn looks_like_header(bytes: &[u8]) -> bool {
 pub struct Rewind {
     prefix: Bytes,
     inner: TcpStream,
+    /// The client's source port from a trusted PROXY header (the upstream is told it).
+    source_port: Option<u16>,
 }
 
 impl Rewind {
@@ -236,11 +241,19 @@ impl Rewind {
         Rewind {
             prefix: Bytes::new(),
             inner,
+            source_port: None,
         }
     }
 
     pub fn tcp(&self) -> &TcpStream {
         &self.inner
+    }
+
+    /// The client's port: the trusted PROXY header's source port, else the socket's.
+    pub fn client_port(&self) -> u16 {
+        self.source_port
+            .or_else(|| self.inner.peer_addr().ok().map(|a| a.port()))
+            .unwrap_or(0)
     }
 
     /// Copies the first bytes the peer sent into `buf` without consuming them; waits for at
@@ -328,12 +341,15 @@ mod tests {
         let s = settings();
         let h = b"PROXY TCP4 192.0.2.7 198.51.100.1 5555 443\r\n\x16\x03";
         let (header, used) = s.parse(h).unwrap().unwrap();
-        assert_eq!(header, Header::Source(Some("192.0.2.7".parse().unwrap())));
+        assert_eq!(
+            header,
+            Header::Source(Some("192.0.2.7:5555".parse().unwrap()))
+        );
         assert_eq!(&h[used..], b"\x16\x03", "bytes past the header are kept");
         let h = b"PROXY TCP6 2001:db8::1 2001:db8::2 5555 443\r\n";
         assert_eq!(
             s.parse(h).unwrap().unwrap().0,
-            Header::Source(Some("2001:db8::1".parse().unwrap()))
+            Header::Source(Some("[2001:db8::1]:5555".parse().unwrap()))
         );
         assert_eq!(
             s.parse(b"PROXY UNKNOWN\r\n").unwrap().unwrap().0,
@@ -349,7 +365,10 @@ mod tests {
         let h = v2(1, 0x11, &addrs);
         assert_eq!(
             s.parse(&h).unwrap().unwrap(),
-            (Header::Source(Some("192.0.2.9".parse().unwrap())), h.len())
+            (
+                Header::Source(Some("192.0.2.9:5555".parse().unwrap())),
+                h.len()
+            )
         );
         let local = v2(0, 0x00, &[]);
         assert_eq!(s.parse(&local).unwrap().unwrap().0, Header::Source(None));

@@ -164,9 +164,8 @@ async fn serve(
     let started = Instant::now();
     let config = gateway.config();
     // What the upstream is told: the client address and the address it connected to.
-    let tcp = stream.tcp();
-    let port = tcp.peer_addr().map_or(0, |a| a.port());
-    let local = tcp.local_addr().unwrap_or(config.server.listen);
+    let port = stream.client_port();
+    let local = stream.tcp().local_addr().unwrap_or(config.server.listen);
     // Boxed: its state is needed only until the handshake ends, not for the connection's life.
     let handshake = Box::pin(handshake(stream, ip, client, gateway)).await;
     let (tls, principal) = match handshake {

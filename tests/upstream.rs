@@ -768,3 +768,33 @@ async fn sigterm_leaves_relayed_connections_to_finish() {
         "exited once the connection finished, before drain_timeout"
     );
 }
+
+#[tokio::test]
+async fn behind_a_trusted_balancer_the_upstream_is_told_the_real_client() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let certs = TestCerts::new();
+    let mut upstream = MockUpstream::start().await;
+    let extra = "[proxy_protocol]\nmode = \"optional\"\ntrusted = [\"127.0.0.1/32\"]\n";
+    let gateway = Process::gateway(&certs, &upstream_config(&[upstream.addr], extra));
+    let mut tcp = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+    tcp.write_all(b"PROXY TCP4 203.0.113.9 127.0.0.1 5555 8443\r\n")
+        .await
+        .unwrap();
+    let connector = tokio_rustls::TlsConnector::from(support::client_config(
+        &certs.paths.ca_cert,
+        &ClientOptions::default(),
+    ));
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    tls.write_all(format!("AUTH {ALICE_TOKEN}\nhello\n").as_bytes())
+        .await
+        .unwrap();
+    let mut conn = upstream.next().await;
+    let header = conn.read_header().await;
+    assert_eq!(header.source, Some("203.0.113.9:5555".parse().unwrap()));
+    assert_eq!(header.tlv_str(0xE0), "alice");
+    assert_eq!(conn.read_frame().await.unwrap(), b"hello");
+    let mut ok = [0u8; 9];
+    tls.read_exact(&mut ok).await.unwrap();
+    assert_eq!(&ok, b"OK alice\n");
+}
