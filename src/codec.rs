@@ -5,6 +5,8 @@
 //! tested and fuzzed without a socket. Like rustls' deframer, a binary frame is refused as
 //! soon as its 4-byte header is read; a text line is refused as soon as more bytes than the
 //! cap have arrived without a newline. Neither ever reserves more than `cap + 4` bytes.
+//! Until the connection authenticates, the cap in force is the smaller of the framing's cap
+//! and `protocol.max_preauth_bytes` (SPEC section 9).
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio_util::codec::Decoder;
@@ -64,6 +66,10 @@ pub struct MessageCodec {
     framing: Option<Framing>,
     max_frame_bytes: usize,
     max_line_bytes: usize,
+    /// `protocol.max_preauth_bytes` until the connection authenticates: a tighter cap on
+    /// both framings, so an unauthenticated client cannot make the gateway reserve a full
+    /// frame. `None` once lifted.
+    preauth_cap: Option<usize>,
     /// Text mode: how far the buffer is known to hold no `\n`, so that a line trickling in
     /// byte by byte is scanned once, not once per byte.
     scanned: usize,
@@ -83,8 +89,33 @@ impl MessageCodec {
             framing,
             max_frame_bytes,
             max_line_bytes,
+            preauth_cap: None,
             scanned: 0,
         }
+    }
+
+    /// Caps every message at `cap` bytes (when lower than the framing's own cap) until
+    /// [`MessageCodec::authenticated`] is called.
+    pub fn with_preauth_cap(mut self, cap: usize) -> Self {
+        self.preauth_cap = Some(cap);
+        self
+    }
+
+    /// Lifts the pre-authentication cap: the full caps apply from the next message.
+    pub fn authenticated(&mut self) {
+        self.preauth_cap = None;
+    }
+
+    /// The binary cap in force.
+    fn frame_cap(&self) -> usize {
+        self.preauth_cap
+            .map_or(self.max_frame_bytes, |cap| cap.min(self.max_frame_bytes))
+    }
+
+    /// The text cap in force.
+    fn line_cap(&self) -> usize {
+        self.preauth_cap
+            .map_or(self.max_line_bytes, |cap| cap.min(self.max_line_bytes))
     }
 
     /// The framing, once decided.
@@ -103,10 +134,11 @@ impl MessageCodec {
             return Ok(None);
         }
         let len = u32::from_be_bytes([src[0], src[1], src[2], src[3]]) as usize;
-        if len > self.max_frame_bytes {
+        let cap = self.frame_cap();
+        if len > cap {
             return Err(TooLarge {
                 framing: Framing::Binary,
-                cap: self.max_frame_bytes,
+                cap,
             });
         }
         if src.len() < HEADER_LEN + len {
@@ -138,7 +170,7 @@ impl MessageCodec {
             if line.last() == Some(&b'\r') {
                 line.truncate(newline - 1);
             }
-            if line.len() > self.max_line_bytes {
+            if line.len() > self.line_cap() {
                 return Err(self.line_too_large());
             }
             if !line.is_empty() {
@@ -150,14 +182,14 @@ impl MessageCodec {
     /// True when the buffered bytes, still without a `\n`, already exceed the cap: more
     /// than `max_line_bytes` of content, even allowing for a final `\r`.
     fn line_cannot_fit(&self, src: &BytesMut) -> bool {
-        let cap = self.max_line_bytes;
+        let cap = self.line_cap();
         src.len() > cap + 1 || (src.len() == cap + 1 && src.last() != Some(&b'\r'))
     }
 
     fn line_too_large(&self) -> TooLarge {
         TooLarge {
             framing: Framing::Text,
-            cap: self.max_line_bytes,
+            cap: self.line_cap(),
         }
     }
 }
@@ -315,6 +347,54 @@ mod tests {
             buf.capacity() < 64,
             "nothing was reserved for the claimed length"
         );
+    }
+
+    #[test]
+    fn preauth_cap_applies_until_authenticated() {
+        let mut c = MessageCodec::new(FramingMode::Auto, 65536, 4096).with_preauth_cap(1024);
+        let mut buf = BytesMut::from(&[0u8, 1, 0, 0][..]); // announces 64 KiB
+        assert_eq!(
+            c.decode_message(&mut buf),
+            Err(TooLarge {
+                framing: Framing::Binary,
+                cap: 1024
+            })
+        );
+        assert!(
+            buf.capacity() < 1024,
+            "nothing reserved for the claimed 64 KiB"
+        );
+
+        let mut c = MessageCodec::new(FramingMode::Auto, 65536, 4096).with_preauth_cap(1024);
+        let mut buf = BytesMut::from(&frame_of(1024)[..]);
+        assert!(
+            matches!(c.decode_message(&mut buf), Ok(Some(_))),
+            "1024 fits"
+        );
+        c.authenticated();
+        let mut buf = BytesMut::from(&frame_of(65536)[..]);
+        assert!(
+            matches!(c.decode_message(&mut buf), Ok(Some(_))),
+            "full cap after auth"
+        );
+
+        let mut c = MessageCodec::new(FramingMode::Text, 65536, 4096).with_preauth_cap(8);
+        assert_eq!(
+            decode_all(&mut c, b"123456789"),
+            Err(TooLarge {
+                framing: Framing::Text,
+                cap: 8
+            })
+        );
+        // A smaller framing cap wins over the pre-authentication cap.
+        let mut c = MessageCodec::new(FramingMode::Text, 65536, 4).with_preauth_cap(8);
+        assert!(decode_all(&mut c, b"12345\n").is_err());
+    }
+
+    fn frame_of(len: usize) -> Vec<u8> {
+        let mut bytes = (len as u32).to_be_bytes().to_vec();
+        bytes.resize(4 + len, b'x');
+        bytes
     }
 
     #[test]

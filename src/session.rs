@@ -39,6 +39,10 @@ const DISCARD_TIMEOUT: Duration = Duration::from_secs(1);
 const DISCARD_BYTES: usize = 256 * 1024;
 /// The most read from the socket in one call; the codec's caps bound the buffer itself.
 const READ_CHUNK: usize = 8 * 1024;
+/// The most encrypted reply bytes rustls holds for a client the socket cannot take more
+/// from (its default is 64 KiB): one full TLS record, so that what a client that does not
+/// read costs is `max_write_buffer_bytes` plus this, not plus 64 KiB.
+pub const TLS_SEND_BUFFER: usize = 16 * 1024 + 64;
 
 /// A connection past the admission steps that need no byte from the peer.
 pub struct Accepted {
@@ -90,6 +94,9 @@ pub fn accept(stream: TcpStream, peer: SocketAddr, gateway: &Gateway) -> Option<
     };
     // Replies are small and flushed per batch: do not let Nagle hold them back.
     let _ = stream.set_nodelay(true);
+    // Bounds the kernel's queue for a client that does not read (SPEC section 9).
+    let _ = socket2::SockRef::from(&stream)
+        .set_send_buffer_size(gateway.config().limits.socket_send_buffer);
     Some(Accepted {
         stream,
         socket_ip,
@@ -176,6 +183,8 @@ async fn serve(
             return None;
         }
     };
+    let mut tls = tls;
+    tls.get_mut().1.set_buffer_limit(Some(TLS_SEND_BUFFER));
     let (_, conn) = tls.get_ref();
     let tls_version = version_label(conn);
     let cipher = conn
@@ -184,6 +193,15 @@ async fn serve(
         .unwrap_or("unknown");
     let protocol = &config.protocol;
     let limits = &config.limits;
+    let mut codec = MessageCodec::new(
+        protocol.framing,
+        protocol.max_frame_bytes,
+        protocol.max_line_bytes,
+    )
+    .with_preauth_cap(protocol.max_preauth_bytes);
+    if principal.is_some() || config.auth.mode == AuthMode::None {
+        codec.authenticated();
+    }
     let mut session = Session {
         stream: tls,
         gateway,
@@ -199,11 +217,7 @@ async fn serve(
         principal,
         tls_version,
         cipher,
-        codec: MessageCodec::new(
-            protocol.framing,
-            protocol.max_frame_bytes,
-            protocol.max_line_bytes,
-        ),
+        codec,
         rbuf: BytesMut::new(),
         wbuf: BytesMut::new(),
         needs_flush: false,
@@ -239,7 +253,8 @@ struct Session<'g> {
     /// Bytes read but not yet decoded. Kept here (not in a read future) so that a read
     /// cancelled by `select!` loses nothing.
     rbuf: BytesMut,
-    /// Replies not yet handed to TLS. Capped by `max_write_buffer_bytes`.
+    /// Replies not yet handed to TLS. Capped by `max_write_buffer_bytes`; what TLS holds
+    /// beyond it is capped by [`TLS_SEND_BUFFER`].
     wbuf: BytesMut,
     /// TLS holds bytes that a flush must push to the socket.
     needs_flush: bool,
@@ -484,6 +499,11 @@ impl Session<'_> {
     fn process_buffered(&mut self) -> Step {
         let mut served = false;
         loop {
+            if self.wbuf.len() > self.config.limits.max_write_buffer_bytes {
+                // The caller closes the connection as write_overflow; decoding on would
+                // only queue more replies past the cap.
+                return Step::Continue { served };
+            }
             if self.wants_upstream() {
                 return Step::Connect;
             }
@@ -546,6 +566,10 @@ impl Session<'_> {
             framing: self.codec.framing().unwrap_or(Framing::Text),
         };
         let (reply, after) = command::apply(request, &mut ctx);
+        if self.principal.is_some() {
+            // Authenticated now (or already): the full message caps apply.
+            self.codec.authenticated();
+        }
         self.queue_reply(&reply.parts());
         metrics::command(verb, reply.is_ok(), started.elapsed());
         after

@@ -60,11 +60,12 @@ async fn first_frame_over_16_mib_is_read_as_text_and_refused() {
     let server = TestServer::start(test_config(&certs)).await;
     let mut c = Client::connect(server.addr, &certs).await;
     // 0x01000000 = 16 MiB: the first byte is not 0x00, so this is a text "line" that never
-    // ends; it is refused at the line cap.
+    // ends; it is refused at the line cap in force, before authentication
+    // `protocol.max_preauth_bytes`.
     let mut bytes = vec![0x01, 0x00, 0x00, 0x00];
     bytes.extend(std::iter::repeat_n(b'x', 5000));
     c.send(&bytes).await;
-    assert_eq!(c.read_line().await, "ERR TOO_LARGE 4096");
+    assert_eq!(c.read_line().await, "ERR TOO_LARGE 1024");
     c.expect_closed().await;
     assert!(LARGEST.load(Ordering::Relaxed) < ALLOCATION_LIMIT);
 }

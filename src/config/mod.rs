@@ -177,6 +177,9 @@ pub struct ProtocolSection {
     pub framing: FramingMode,
     pub max_frame_bytes: usize,
     pub max_line_bytes: usize,
+    /// The cap on any message before the connection authenticates, so that an
+    /// unauthenticated client cannot make the gateway reserve a full frame.
+    pub max_preauth_bytes: usize,
 }
 
 impl Default for ProtocolSection {
@@ -185,6 +188,7 @@ impl Default for ProtocolSection {
             framing: FramingMode::Auto,
             max_frame_bytes: 65536,
             max_line_bytes: 4096,
+            max_preauth_bytes: 1024,
         }
     }
 }
@@ -210,6 +214,9 @@ pub struct LimitsSection {
     pub commands_per_second: u32,
     pub commands_burst: u32,
     pub max_write_buffer_bytes: usize,
+    /// SO_SNDBUF of each client socket (Linux reserves twice this): bounds the kernel's
+    /// queue for a client that does not read, on top of `max_write_buffer_bytes`.
+    pub socket_send_buffer: usize,
     #[serde(with = "humantime_serde")]
     pub prune_interval: Duration,
     /// Any connection is closed gracefully after this long, so that no credential outlives
@@ -233,6 +240,7 @@ impl Default for LimitsSection {
             commands_per_second: 100,
             commands_burst: 200,
             max_write_buffer_bytes: 262144,
+            socket_send_buffer: 65536,
             prune_interval: Duration::from_secs(10),
             max_connection_lifetime: Duration::ZERO,
         }
@@ -854,6 +862,23 @@ mod tests {
         }
         // "0s" still means "off" where a key says so.
         load_str("[server]\nshutdown_delay = \"0s\"\n", &[]).unwrap();
+    }
+
+    #[test]
+    fn preauth_cap_and_socket_buffer_are_bounded() {
+        let c = load_str("", &[]).unwrap();
+        assert_eq!(c.protocol.max_preauth_bytes, 1024);
+        assert_eq!(c.limits.socket_send_buffer, 65536);
+        let err = load_str("[protocol]\nmax_preauth_bytes = 64\n", &[]).unwrap_err();
+        assert!(
+            err.to_string().starts_with("protocol.max_preauth_bytes"),
+            "{err}"
+        );
+        let err = load_str("[limits]\nsocket_send_buffer = 0\n", &[]).unwrap_err();
+        assert!(
+            err.to_string().starts_with("limits.socket_send_buffer"),
+            "{err}"
+        );
     }
 
     #[test]

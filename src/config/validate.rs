@@ -7,6 +7,12 @@ use super::{AuthMode, Config, ConfigError, ProxyMode, ServerAddress, MAX_FRAME_C
 /// The longest duration any key accepts: a longer one is a typo or an attack on the
 /// configuration, never a deliberate setting.
 pub const MAX_DURATION: Duration = Duration::from_secs(365 * 86_400);
+/// The smallest `protocol.max_preauth_bytes`: `AUTH <token>` must fit.
+const MIN_PREAUTH: usize = 128;
+/// Bounds of `limits.socket_send_buffer`: below 4 KiB the kernel rounds up anyway; above
+/// 1 GiB the value no longer fits SO_SNDBUF's doubled `int`.
+const MIN_SOCKET_BUFFER: usize = 4096;
+const MAX_SOCKET_BUFFER: usize = 1 << 30;
 /// The most `auth.max_failures` allowed: the failure log of a key holds that many instants.
 const MAX_FAILURES: u32 = 1000;
 /// `cluster.key_prefix` is repeated in every key: keep it short.
@@ -44,6 +50,24 @@ impl Config {
                 format!(
                     "must be between 1 and {MAX_LINE_CAP}, got {}",
                     p.max_line_bytes
+                ),
+            ));
+        }
+        if p.max_preauth_bytes < MIN_PREAUTH || p.max_preauth_bytes > MAX_FRAME_CAP {
+            return Err(ConfigError::key(
+                "protocol.max_preauth_bytes",
+                format!(
+                    "must be between {MIN_PREAUTH} (an AUTH line must fit) and {MAX_FRAME_CAP}, got {}",
+                    p.max_preauth_bytes
+                ),
+            ));
+        }
+        let sndbuf = self.limits.socket_send_buffer;
+        if !(MIN_SOCKET_BUFFER..=MAX_SOCKET_BUFFER).contains(&sndbuf) {
+            return Err(ConfigError::key(
+                "limits.socket_send_buffer",
+                format!(
+                    "must be between {MIN_SOCKET_BUFFER} and {MAX_SOCKET_BUFFER}, got {sndbuf}"
                 ),
             ));
         }
