@@ -3,6 +3,9 @@
 //!
 //! * `handshake` — W workers loop: new TCP connection, full TLS 1.3 handshake (resumption
 //!   off), one ECHO, close. Handshakes/s, p50/p99.
+//! * `handshake_pq` — the same, offering the post-quantum hybrid X25519MLKEM768 first, as
+//!   browsers and OpenSSL 3.5 do (`handshake` offers the classical curves, X25519 first);
+//!   each handshake line says which group was negotiated.
 //! * `resume` — the same with session resumption (tickets) on.
 //! * `steady` — C persistent connections, ECHO of 64 bytes in a closed loop. Requests/s,
 //!   p50/p99/p99.9.
@@ -50,8 +53,11 @@ struct Args {
     /// Name printed in each result line.
     #[arg(long, default_value = "portcullis")]
     label: String,
-    /// Scenarios to run (comma-separated): handshake,resume,steady,idle,reject.
-    #[arg(long, default_value = "handshake,resume,steady,idle,reject")]
+    /// Scenarios to run (comma-separated): handshake,handshake_pq,resume,steady,idle,reject.
+    #[arg(
+        long,
+        default_value = "handshake,handshake_pq,resume,steady,idle,reject"
+    )]
     scenarios: String,
     #[arg(long, default_value_t = 4)]
     workers: usize,
@@ -119,6 +125,11 @@ fn main() {
                         .handshakes(workers, duration, Exchange::Handshake)
                         .await
                 }
+                "handshake_pq" => {
+                    bench
+                        .handshakes(workers, duration, Exchange::HandshakePq)
+                        .await
+                }
                 "resume" => bench.handshakes(workers, duration, Exchange::Resume).await,
                 "relay_handshake" => bench.handshakes(workers, duration, Exchange::Relay).await,
                 "steady" => {
@@ -150,6 +161,8 @@ struct Bench {
 enum Exchange {
     /// A full handshake, then `ECHO` of 64 bytes answered `OK …` (the built-in command).
     Handshake,
+    /// The same, offering X25519MLKEM768 first.
+    HandshakePq,
     /// The same with session resumption on.
     Resume,
     /// A full handshake, then a 64-byte binary frame echoed back as it is (a relay).
@@ -159,6 +172,16 @@ enum Exchange {
 impl Exchange {
     fn resumption(self) -> bool {
         self == Exchange::Resume
+    }
+
+    /// The key-exchange groups offered, in order: the classical curves, X25519 first, as in
+    /// the comparison with HAProxy and stunnel, or the post-quantum hybrid first.
+    fn groups(self) -> Vec<&'static dyn rustls::crypto::SupportedKxGroup> {
+        use rustls::crypto::aws_lc_rs::kx_group::{SECP256R1, SECP384R1, X25519, X25519MLKEM768};
+        match self {
+            Exchange::HandshakePq => vec![X25519MLKEM768, X25519],
+            _ => vec![X25519, SECP256R1, SECP384R1],
+        }
     }
 
     fn request(self) -> Vec<u8> {
@@ -206,17 +229,27 @@ fn echo_request() -> Vec<u8> {
 
 impl Bench {
     fn connector(&self, resumption: bool) -> TlsConnector {
+        self.connector_with(resumption, Exchange::Handshake.groups())
+    }
+
+    fn connector_with(
+        &self,
+        resumption: bool,
+        groups: Vec<&'static dyn rustls::crypto::SupportedKxGroup>,
+    ) -> TlsConnector {
         let mut roots = rustls::RootCertStore::empty();
         for cert in CertificateDer::pem_file_iter(&self.ca).expect("ca file") {
             roots.add(cert.expect("ca pem")).expect("ca cert");
         }
-        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("TLS 1.3")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        let provider = rustls::crypto::CryptoProvider {
+            kx_groups: groups,
+            ..rustls::crypto::aws_lc_rs::default_provider()
+        };
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("TLS 1.3")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
         if !resumption {
             config.resumption = rustls::client::Resumption::disabled();
         }
@@ -237,7 +270,7 @@ impl Bench {
 
     /// W workers: connect, handshake, one request, close.
     async fn handshakes(&self, workers: usize, duration: Duration, exchange: Exchange) {
-        let connector = self.connector(exchange.resumption());
+        let connector = self.connector_with(exchange.resumption(), exchange.groups());
         let cpu = self.server_cpu();
         let until = Instant::now() + duration;
         let mut tasks = Vec::new();
@@ -251,6 +284,7 @@ impl Bench {
             };
             tasks.push(tokio::spawn(async move {
                 let (mut latencies, mut errors, mut resumed) = (Vec::new(), 0u64, 0u64);
+                let mut group = None;
                 let mut n = 0u32;
                 while Instant::now() < until {
                     // Spread sources over 127.0.x.y so per-IP limits do not shape the result.
@@ -258,30 +292,34 @@ impl Bench {
                     n += 1;
                     let started = Instant::now();
                     match one_request(&this, &connector, source, exchange).await {
-                        Ok(was_resumed) => {
+                        Ok((was_resumed, negotiated)) => {
                             latencies.push(started.elapsed().as_micros() as u32);
                             resumed += u64::from(was_resumed);
+                            group = group.or(negotiated);
                         }
                         Err(_) => errors += 1,
                     }
                 }
-                (latencies, errors, resumed)
+                (latencies, errors, resumed, group)
             }));
         }
-        let (mut all, mut errors, mut resumed) = (Vec::new(), 0, 0);
+        let (mut all, mut errors, mut resumed, mut group) = (Vec::new(), 0, 0, None);
         for t in tasks {
-            let (l, e, r) = t.await.expect("worker");
+            let (l, e, r, g) = t.await.expect("worker");
             all.extend(l);
             errors += e;
             resumed += r;
+            group = group.or(g);
         }
         let name = match exchange {
             Exchange::Handshake => "handshake",
+            Exchange::HandshakePq => "handshake_pq",
             Exchange::Resume => "resume",
             Exchange::Relay => "relay_handshake",
         };
+        let group = group.map_or("none".to_string(), |g| format!("{g:?}"));
         println!(
-            "scenario={name} server={} workers={workers} handshakes={} errors={errors} resumed={resumed} rate={:.0} {} {}",
+            "scenario={name} server={} workers={workers} group={group} handshakes={} errors={errors} resumed={resumed} rate={:.0} {} {}",
             self.label,
             all.len(),
             all.len() as f64 / duration.as_secs_f64(),
@@ -489,15 +527,18 @@ fn cpu_ticks(pid: u32) -> u64 {
     field(14) + field(15)
 }
 
-/// Connect, handshake, one request, close; returns whether the session was resumed.
+/// Connect, handshake, one request, close; returns whether the session was resumed and the
+/// key-exchange group used.
 async fn one_request(
     bench: &Bench,
     connector: &TlsConnector,
     source: IpAddr,
     exchange: Exchange,
-) -> std::io::Result<bool> {
+) -> std::io::Result<(bool, Option<rustls::NamedGroup>)> {
     let mut stream = bench.connect(connector, Some(source)).await?;
-    let resumed = stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    let conn = stream.get_ref().1;
+    let resumed = conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    let group = conn.negotiated_key_exchange_group().map(|g| g.name());
     stream.write_all(&exchange.request()).await?;
     let mut reply = BufReader::new(stream);
     let mut buf = Vec::new();
@@ -505,7 +546,7 @@ async fn one_request(
         return Err(std::io::Error::other("bad reply"));
     }
     let _ = reply.get_mut().shutdown().await;
-    Ok(resumed)
+    Ok((resumed, group))
 }
 
 async fn tcp_from(target: SocketAddr, source: Option<IpAddr>) -> std::io::Result<TcpStream> {

@@ -10,16 +10,16 @@
 //! on any other.
 //!
 //! A ticket is `key id (8) ‖ nonce (12) ‖ AES-256-GCM(state) ‖ tag (16)`, the key id bound
-//! as associated data; the AEAD is the crypto provider's own library (ring, as rustls is
-//! built here), never home-made. A ticket whose key is gone, or that does not
+//! as associated data; the AEAD is the crypto provider's own library (aws-lc-rs, as rustls
+//! is built here), never home-made. A ticket whose key is gone, or that does not
 //! authenticate, is refused and the handshake falls back to a full one.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
-use ring::rand::{SecureRandom, SystemRandom};
+use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
+use aws_lc_rs::rand::{SecureRandom, SystemRandom};
 
 /// Bytes of a ticket key.
 pub const KEY_LEN: usize = 32;
@@ -30,7 +30,8 @@ const SHARED: u8 = 1;
 /// One ticket key and its id.
 struct TicketKey {
     id: [u8; ID_LEN],
-    key: LessSafeKey,
+    /// Shared between key sets: an aws-lc-rs key is not `Clone`.
+    key: Arc<LessSafeKey>,
 }
 
 impl TicketKey {
@@ -38,7 +39,7 @@ impl TicketKey {
         let key = UnboundKey::new(&AES_256_GCM, bytes).ok()?;
         Some(TicketKey {
             id,
-            key: LessSafeKey::new(key),
+            key: Arc::new(LessSafeKey::new(key)),
         })
     }
 
@@ -169,7 +170,7 @@ impl Ticketer {
     }
 }
 
-/// A copy of a key (the key schedule, not the key bytes, which are not kept).
+/// Another handle on a key (the key schedule, not the key bytes, which are not kept).
 fn clone_key(key: &TicketKey) -> TicketKey {
     TicketKey {
         id: key.id,

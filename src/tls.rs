@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use rustls::crypto::aws_lc_rs::kx_group::{SECP256R1, SECP384R1, X25519, X25519MLKEM768};
+use rustls::crypto::{CryptoProvider, SupportedKxGroup};
 use rustls::server::danger::ClientCertVerifier;
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
@@ -15,8 +17,14 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, UnixTime};
 use tokio_rustls::TlsAcceptor;
 
-use crate::config::{Config, TlsVersion};
+use crate::config::{CipherPreference, Config, TlsVersion};
 use crate::tickets::Ticketer;
+
+/// Key-exchange groups (SPEC 9): the post-quantum hybrid that browsers and OpenSSL 3.5
+/// offer first, then the classical curves. rustls takes the first group of the client's
+/// list that is also in this one, so the hybrid is used whenever a client offers it ahead
+/// of X25519, as every client that offers it does.
+pub const KX_GROUPS: &[&dyn SupportedKxGroup] = &[X25519MLKEM768, X25519, SECP256R1, SECP384R1];
 
 /// Why TLS material could not be loaded. The old material stays in use.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +51,7 @@ pub struct TlsSettings {
     min_version: TlsVersion,
     alpn: Vec<Vec<u8>>,
     require_client_cert: bool,
+    cipher_preference: CipherPreference,
 }
 
 impl TlsSettings {
@@ -60,6 +69,7 @@ impl TlsSettings {
                 .map(|p| p.as_bytes().to_vec())
                 .collect(),
             require_client_cert: config.auth.require_client_cert,
+            cipher_preference: config.tls.cipher_preference,
         }
     }
 
@@ -85,9 +95,11 @@ pub struct TlsMaterial {
 
 impl TlsMaterial {
     /// Reads the files and builds a server configuration: TLS 1.2 (unless `min_version` is
-    /// 1.3) and 1.3, session tickets on, the configured ALPN, and client certificates
-    /// verified against `client_ca` when set, and refused when a `client_crl` revokes them.
-    /// Tickets are made by `ticketer`, the process's one (it outlives reloads).
+    /// 1.3) and 1.3, the aws-lc-rs provider with [`KX_GROUPS`], the server's cipher-suite
+    /// order unless `cipher_preference = "client"`, session tickets on, the configured ALPN,
+    /// and client certificates verified against `client_ca` when set, and refused when a
+    /// `client_crl` revokes them. Tickets are made by `ticketer`, the process's one (it
+    /// outlives reloads).
     pub fn load(settings: &TlsSettings, ticketer: Arc<Ticketer>) -> Result<Self, TlsError> {
         let certs = load_certs(&settings.cert)?;
         let key = PrivateKeyDer::from_pem_file(&settings.key).map_err(|e| TlsError::Key {
@@ -98,7 +110,7 @@ impl TlsMaterial {
             path: settings.cert.clone(),
             message: "the first certificate is not valid X.509".into(),
         })?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = Arc::new(provider());
         let versions: &[&rustls::SupportedProtocolVersion] = match settings.min_version {
             TlsVersion::V1_2 => &[&rustls::version::TLS13, &rustls::version::TLS12],
             TlsVersion::V1_3 => &[&rustls::version::TLS13],
@@ -112,6 +124,7 @@ impl TlsMaterial {
         };
         let mut config = builder.with_single_cert(certs, key)?;
         config.alpn_protocols = settings.alpn.clone();
+        config.ignore_client_order = settings.cipher_preference == CipherPreference::Server;
         config.ticketer = ticketer;
         Ok(TlsMaterial {
             server_config: Arc::new(config),
@@ -119,6 +132,15 @@ impl TlsMaterial {
             not_after,
             serial,
         })
+    }
+}
+
+/// aws-lc-rs (rustls' default provider; ring has no post-quantum key exchange) with
+/// [`KX_GROUPS`]; its cipher suites in its own order, AES-256-GCM first.
+fn provider() -> CryptoProvider {
+    CryptoProvider {
+        kx_groups: KX_GROUPS.to_vec(),
+        ..rustls::crypto::aws_lc_rs::default_provider()
     }
 }
 

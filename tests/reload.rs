@@ -36,7 +36,7 @@ fn connector(cas: &[&Path]) -> TlsConnector {
             .unwrap();
     }
     let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
+        rustls::crypto::aws_lc_rs::default_provider(),
     ))
     .with_safe_default_protocol_versions()
     .unwrap()

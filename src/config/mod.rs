@@ -116,6 +116,16 @@ pub enum TlsVersion {
     V1_3,
 }
 
+/// Whose cipher-suite order decides: testssl flags "no server cipher order" otherwise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CipherPreference {
+    /// The server's order (strongest first) wins.
+    Server,
+    /// The client's order wins (a client that prefers ChaCha20 on hardware without AES).
+    Client,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TlsSection {
@@ -131,6 +141,8 @@ pub struct TlsSection {
     pub min_version: TlsVersion,
     /// ALPN protocols offered, in preference order.
     pub alpn: Vec<String>,
+    /// Whose cipher-suite order picks the suite.
+    pub cipher_preference: CipherPreference,
     /// When > 0, the configuration file and the certificate files are polled this often and
     /// the whole configuration is reloaded when one changed.
     #[serde(with = "humantime_serde")]
@@ -157,6 +169,7 @@ impl Default for TlsSection {
             client_crl: Vec::new(),
             min_version: TlsVersion::V1_2,
             alpn: Vec::new(),
+            cipher_preference: CipherPreference::Server,
             reload_interval: Duration::ZERO,
             ticket_rotation: Duration::from_secs(12 * 3600),
         }

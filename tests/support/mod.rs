@@ -104,6 +104,10 @@ pub struct ClientOptions {
     pub source: Option<IpAddr>,
     /// Only TLS 1.2.
     pub tls12_only: bool,
+    /// Offer only these key-exchange groups, in this order (default: the provider's).
+    pub groups: Option<Vec<&'static dyn rustls::crypto::SupportedKxGroup>>,
+    /// Offer only these cipher suites, in this order (default: the provider's).
+    pub suites: Option<Vec<rustls::SupportedCipherSuite>>,
 }
 
 pub fn client_config(ca: &Path, options: &ClientOptions) -> Arc<rustls::ClientConfig> {
@@ -111,7 +115,14 @@ pub fn client_config(ca: &Path, options: &ClientOptions) -> Arc<rustls::ClientCo
     for cert in CertificateDer::pem_file_iter(ca).unwrap() {
         roots.add(cert.unwrap()).unwrap();
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    if let Some(groups) = &options.groups {
+        provider.kx_groups = groups.clone();
+    }
+    if let Some(suites) = &options.suites {
+        provider.cipher_suites = suites.clone();
+    }
+    let provider = Arc::new(provider);
     let versions: &[&rustls::SupportedProtocolVersion] = if options.tls12_only {
         &[&rustls::version::TLS12]
     } else {
