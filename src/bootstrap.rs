@@ -245,8 +245,10 @@ pub fn dev_setup(dir: &Path) -> Result<DevSetup, BootstrapError> {
     })
 }
 
-/// The lines printed when serving a dev setup: how to connect by hand.
-pub fn dev_instructions(setup: &DevSetup) -> String {
+/// The lines printed when serving a dev setup: how to connect by hand to `listen` (the
+/// bound address, so the hint stays true under `--listen`). The README shows them verbatim
+/// (tests/readme.rs).
+pub fn dev_instructions(setup: &DevSetup, listen: std::net::SocketAddr) -> String {
     let mut out = String::new();
     if setup.created {
         out.push_str("portcullis: created a development setup (certs/, portcullis.toml)\n");
@@ -255,9 +257,9 @@ pub fn dev_instructions(setup: &DevSetup) -> String {
         out.push_str(&format!("dev token:   {token}\n"));
     }
     out.push_str("client cert: certs/client.pem certs/client.key\n");
-    out.push_str(
-        "connect:     openssl s_client -connect 127.0.0.1:8443 -CAfile certs/ca.pem -quiet\n",
-    );
+    out.push_str(&format!(
+        "connect:     openssl s_client -connect {listen} -CAfile certs/ca.pem -quiet\n"
+    ));
     out.push_str("then type:   PING, AUTH <token>, ECHO hello, WHOAMI, QUIT\n");
     out
 }

@@ -257,9 +257,6 @@ fn serve(explicit: Option<PathBuf>, flags: &FlagOverrides) -> anyhow::Result<Exi
     if let Some(warning) = config.unknown_env_warning() {
         tracing::warn!("{warning}");
     }
-    if let Some(dev) = &dev {
-        print!("{}", bootstrap::dev_instructions(dev));
-    }
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if config.server.workers > 0 {
         runtime.worker_threads(config.server.workers);
@@ -272,6 +269,9 @@ fn serve(explicit: Option<PathBuf>, flags: &FlagOverrides) -> anyhow::Result<Exi
         let shutdown = Shutdown::new();
         shutdown.listen_for_signals()?;
         let server = Server::bind(config, shutdown)?;
+        if let Some(dev) = &dev {
+            print!("{}", bootstrap::dev_instructions(dev, server.local_addr()?));
+        }
         tracing::info!(listen = %server.local_addr()?, admin = %server.admin_addr()?, "portcullis serving");
         server.run().await;
         anyhow::Ok(())

@@ -82,3 +82,84 @@ fn an_invalid_value_of_a_real_key_still_fails_naming_the_variable() {
         stderr(&out)
     );
 }
+
+#[test]
+fn a_bad_duration_shows_a_valid_one_and_names_its_variable() {
+    let certs = TestCerts::new();
+    let example = r#"use e.g. "10s", "5m", "1h30m""#;
+    let bad = write_config_named(&certs, "bad.toml", "[limits]\nidle_timeout = \"soon\"\n");
+    let out = portcullis(&["check-config", "--config", bad.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("limits.idle_timeout"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(stderr(&out).contains(example), "{}", stderr(&out));
+
+    let good = write_config(&certs, "");
+    let out = portcullis(
+        &["check-config", "--config", good.to_str().unwrap()],
+        &[("PORTCULLIS_LIMITS_IDLE_TIMEOUT", "soon")],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let text = stderr(&out);
+    assert!(
+        text.contains("environment variable PORTCULLIS_LIMITS_IDLE_TIMEOUT: limits.idle_timeout"),
+        "{text}"
+    );
+    assert!(text.contains(example), "{text}");
+}
+
+#[test]
+fn a_missing_config_file_is_said_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope.toml");
+    for command in ["serve", "check-config"] {
+        let out = portcullis(&[command, "--config", missing.to_str().unwrap()], &[]);
+        assert_eq!(out.status.code(), Some(1), "{command}");
+        let text = stderr(&out);
+        assert!(text.contains("nope.toml"), "{command}: {text}");
+        assert_eq!(
+            text.matches("No such file or directory").count(),
+            1,
+            "{command}: {text}"
+        );
+    }
+}
+
+#[test]
+fn an_invalid_log_level_is_an_error() {
+    let certs = TestCerts::new();
+    let config = write_config(&certs, "");
+    for command in ["serve", "check-config"] {
+        let out = portcullis(
+            &[
+                command,
+                "--config",
+                config.to_str().unwrap(),
+                "--log-level",
+                "verbose",
+            ],
+            &[],
+        );
+        assert_eq!(out.status.code(), Some(1), "{command}: {}", stderr(&out));
+        let text = stderr(&out);
+        assert!(
+            text.contains("--log-level: \"verbose\" is not a log level"),
+            "{command}: {text}"
+        );
+    }
+    // A real filter is accepted.
+    let out = portcullis(
+        &[
+            "check-config",
+            "--config",
+            config.to_str().unwrap(),
+            "--log-level",
+            "info,portcullis=debug",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+}

@@ -10,18 +10,25 @@ use std::collections::BTreeMap;
 
 use super::{Config, ConfigError, ENV_PREFIX};
 
-/// What the environment did to the configuration.
+/// What set a key, when it was not the file.
+#[derive(Debug)]
+enum Origin {
+    Env(String),
+    Flag(&'static str),
+}
+
+/// What the environment (and the flags after it) did to the configuration.
 #[derive(Debug, Default)]
 pub(super) struct EnvOverrides {
-    /// The variable that set each key, by dotted key (`limits.idle_timeout`), so that a
-    /// later type or validation error about that key can name the variable.
-    set: BTreeMap<String, String>,
+    /// What set each key, by dotted key (`limits.idle_timeout`), so that a later type or
+    /// validation error about that key names the variable or flag the operator wrote.
+    set: BTreeMap<String, Origin>,
     /// Variables with the prefix that name no key, sorted.
     pub(super) unknown: Vec<String>,
 }
 
 impl EnvOverrides {
-    /// Rewrites an error about a key that a variable set into one naming the variable.
+    /// Rewrites an error about a key that a variable or flag set into one naming it.
     pub(super) fn blame(&self, error: ConfigError) -> ConfigError {
         let ConfigError::Key { key, message } = error else {
             return error;
@@ -29,17 +36,18 @@ impl EnvOverrides {
         // `auth.tokens[0].name` was set by whoever set `auth.tokens`.
         let base = key.split('[').next().unwrap_or(&key);
         match self.set.get(base) {
-            Some(var) => ConfigError::Env {
+            Some(Origin::Env(var)) => ConfigError::Env {
                 var: var.clone(),
                 message: format!("{key}: {message}"),
             },
+            Some(Origin::Flag(flag)) => ConfigError::Flag { flag, message },
             None => ConfigError::Key { key, message },
         }
     }
 
-    /// Forgets a key that a command-line flag overrode: its errors are the flag's.
-    pub(super) fn overridden(&mut self, key: &str) {
-        self.set.remove(key);
+    /// Records that a command-line flag set `key`: its errors are the flag's.
+    pub(super) fn set_by_flag(&mut self, key: &str, flag: &'static str) {
+        self.set.insert(key.to_string(), Origin::Flag(flag));
     }
 }
 
@@ -79,7 +87,9 @@ pub(super) fn apply_env(
             }
             _ => return Err(env_err(format!("[{section}] in the file is not a table"))),
         }
-        overrides.set.insert(format!("{section}.{key}"), var);
+        overrides
+            .set
+            .insert(format!("{section}.{key}"), Origin::Env(var));
     }
     Ok(overrides)
 }

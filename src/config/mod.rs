@@ -31,10 +31,12 @@ pub const DEFAULT_CONFIG_FILE: &str = "portcullis.toml";
 /// Why a configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
+    /// The reason is part of the message and deliberately not a `source`: printed with
+    /// its chain (`{:#}`), it would otherwise be said twice.
+    #[error("cannot read {path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path}: {message}")]
     Syntax { path: PathBuf, message: String },
@@ -42,6 +44,8 @@ pub enum ConfigError {
     Key { key: String, message: String },
     #[error("environment variable {var}: {message}")]
     Env { var: String, message: String },
+    #[error("{flag}: {message}")]
+    Flag { flag: &'static str, message: String },
 }
 
 impl ConfigError {
@@ -618,19 +622,19 @@ impl Config {
     fn apply_flags(&mut self, flags: &FlagOverrides, env: &mut env::EnvOverrides) {
         if let Some(listen) = flags.listen {
             self.server.listen = listen;
-            env.overridden("server.listen");
+            env.set_by_flag("server.listen", "--listen");
         }
         if let Some(listen) = flags.admin_listen {
             self.admin.listen = listen;
-            env.overridden("admin.listen");
+            env.set_by_flag("admin.listen", "--admin-listen");
         }
         if let Some(format) = flags.log_format {
             self.log.format = format;
-            env.overridden("log.format");
+            env.set_by_flag("log.format", "--log-format");
         }
         if let Some(level) = &flags.log_level {
             self.log.level = level.clone();
-            env.overridden("log.level");
+            env.set_by_flag("log.level", "--log-level");
         }
     }
 
@@ -651,9 +655,9 @@ impl Config {
 }
 
 fn read_table(path: &Path) -> Result<toml::Table, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
         path: path.into(),
-        source,
+        error,
     })?;
     text.parse()
         .map_err(|e: toml::de::Error| ConfigError::Syntax {
@@ -662,20 +666,40 @@ fn read_table(path: &Path) -> Result<toml::Table, ConfigError> {
         })
 }
 
-/// Deserializes with the path of the offending key in the error.
+/// How a duration is written, for errors about one.
+const DURATION_EXAMPLE: &str = r#"use e.g. "10s", "5m", "1h30m""#;
+
+/// Deserializes with the path of the offending key in the error, and for a duration key an
+/// example of a valid value.
 fn from_table(table: toml::Table, origin: &Path) -> Result<Config, ConfigError> {
     serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
         let key = e.path().to_string();
-        let message = e.into_inner().message().to_string();
+        let mut message = e.into_inner().message().to_string();
         if key == "." {
-            ConfigError::Syntax {
+            return ConfigError::Syntax {
                 path: origin.into(),
                 message,
-            }
-        } else {
-            ConfigError::Key { key, message }
+            };
         }
+        if is_duration_key(&key) {
+            message = format!("{message}; {DURATION_EXAMPLE}");
+        }
+        ConfigError::Key { key, message }
     })
+}
+
+/// Whether `section.key` holds a duration: its default renders as one.
+fn is_duration_key(key: &str) -> bool {
+    let Some((section, name)) = key.split_once('.') else {
+        return false;
+    };
+    let Ok(toml::Value::Table(defaults)) = toml::Value::try_from(Config::default()) else {
+        return false;
+    };
+    matches!(
+        defaults.get(section).and_then(|s| s.get(name)),
+        Some(toml::Value::String(text)) if humantime::parse_duration(text).is_ok()
+    )
 }
 
 #[cfg(test)]
@@ -713,6 +737,68 @@ mod tests {
     fn wrong_type_is_named_by_its_path() {
         let err = load_str("[limits]\nidle_timeout = \"soon\"\n", &[]).unwrap_err();
         assert!(err.to_string().starts_with("limits.idle_timeout"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_duration_shows_a_valid_one() {
+        for text in ["idle_timeout = \"soon\"", "idle_timeout = 10"] {
+            let err = load_str(&format!("[limits]\n{text}\n"), &[]).unwrap_err();
+            let text = err.to_string();
+            assert!(text.starts_with("limits.idle_timeout: "), "{text}");
+            assert!(text.ends_with(r#"use e.g. "10s", "5m", "1h30m""#), "{text}");
+        }
+        // Not for other keys.
+        let err = load_str("[log]\nlevel = 3\n", &[]).unwrap_err();
+        assert!(!err.to_string().contains("use e.g."), "{err}");
+        // From the environment, the variable is named too.
+        let err = load_str("", &[("PORTCULLIS_AUTH_BAN_DURATION", "1 fortnight")]).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.starts_with(
+                "environment variable PORTCULLIS_AUTH_BAN_DURATION: auth.ban_duration: "
+            ),
+            "{text}"
+        );
+        assert!(text.ends_with(r#"use e.g. "10s", "5m", "1h30m""#), "{text}");
+    }
+
+    #[test]
+    fn a_log_level_that_is_no_level_is_refused() {
+        for good in [
+            "info",
+            "WARN",
+            "off",
+            "info,portcullis=debug",
+            "portcullis::session=trace",
+        ] {
+            load_str(&format!("[log]\nlevel = {good:?}\n"), &[]).unwrap();
+        }
+        for bad in [
+            "verbose",
+            "warning",
+            "",
+            "info,loud",
+            "portcullis=[",
+            "info,=x",
+        ] {
+            let err = load_str(&format!("[log]\nlevel = {bad:?}\n"), &[]).unwrap_err();
+            assert!(err.to_string().starts_with("log.level: "), "{bad:?}: {err}");
+        }
+        let err = load_str("", &[("PORTCULLIS_LOG_LEVEL", "debug")])
+            .map(|mut c| {
+                let mut env = env::EnvOverrides::default();
+                c.apply_flags(
+                    &FlagOverrides {
+                        log_level: Some("chatty".into()),
+                        ..Default::default()
+                    },
+                    &mut env,
+                );
+                c.validate().map_err(|e| env.blame(e))
+            })
+            .unwrap()
+            .unwrap_err();
+        assert!(err.to_string().starts_with("--log-level: "), "{err}");
     }
 
     #[test]

@@ -77,6 +77,7 @@ impl Config {
         self.validate_upstream()?;
         self.validate_admin()?;
         self.validate_cluster()?;
+        self.validate_log_level()?;
         if self.proxy_protocol.max_v2_bytes > 65535 {
             return Err(ConfigError::key(
                 "proxy_protocol.max_v2_bytes",
@@ -335,6 +336,37 @@ impl Config {
                     "must be 64 hex characters (the token's SHA-256)",
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// `log.level` must say what it means: a bare word that is no level (`verbose`,
+    /// `warning`) parses as a target name and would silently turn every other line off.
+    fn validate_log_level(&self) -> Result<(), ConfigError> {
+        use tracing_subscriber::filter::{EnvFilter, LevelFilter};
+        let level = self.log.level.trim();
+        let refuse = |why: String| {
+            Err(ConfigError::key(
+                "log.level",
+                format!(
+                    "{why}; use a level (off, error, warn, info, debug, trace) or directives \
+                     such as \"info,portcullis=debug\""
+                ),
+            ))
+        };
+        if level.is_empty() {
+            return refuse("is empty".into());
+        }
+        if let Err(e) = EnvFilter::builder().parse(level) {
+            return refuse(format!("{level:?} is not a log filter ({e})"));
+        }
+        let bare_word = |d: &&str| !d.contains(['=', '[', ':']);
+        let directives = level.split(',').map(str::trim).filter(|d| !d.is_empty());
+        if let Some(word) = directives
+            .filter(bare_word)
+            .find(|d| d.parse::<LevelFilter>().is_err())
+        {
+            return refuse(format!("{word:?} is not a log level"));
         }
         Ok(())
     }
