@@ -131,7 +131,9 @@ pub fn certificate_identity(cert: &CertificateDer<'_>) -> Result<Option<String>,
 }
 
 /// True when `text` holds no control character and no Unicode line or paragraph separator.
-fn is_printable(text: &str) -> bool {
+/// True when `text` holds no control character and no Unicode line or paragraph separator:
+/// it cannot break a line of a reply, a log or a backend's log.
+pub fn is_printable(text: &str) -> bool {
     !text
         .chars()
         .any(|c| c.is_control() || matches!(c, '\u{2028}' | '\u{2029}'))

@@ -199,6 +199,9 @@ impl Gateway {
         let kept = keep_restart_keys(&self.config(), &mut fresh);
         if !kept.is_empty() {
             tracing::warn!(keys = ?kept, "changed keys need a restart; keeping their running values");
+            // Running values next to new ones must still agree (e.g. the running
+            // `max_reply_bytes` with a new, smaller `max_write_buffer_bytes`).
+            fresh.validate()?;
         }
         let settings = TlsSettings::from_config(&fresh);
         let material = TlsMaterial::load(&settings, self.tls.ticketer())?;

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use governor::{DefaultDirectRateLimiter, RateLimiter};
+use rustls_pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
@@ -453,34 +454,15 @@ impl Session<'_> {
         self.started.checked_add(lifetime)
     }
 
-    /// After the rules changed: whether this connection may stay. Its address is checked
-    /// against the access lists and bans, its token against the token list and the auth
-    /// mode, and its client certificate against the client CA and CRLs now in force.
+    /// After the rules changed: whether this connection may stay (see [`still_allowed`]).
     fn still_allowed(&self) -> Result<(), CloseReason> {
-        match self.gateway.admission.still_admitted(self.ip) {
-            Ok(()) => {}
-            Err(RejectReason::Banned) => return Err(CloseReason::Banned),
-            Err(_) => return Err(CloseReason::Denied),
-        }
-        if let Some(principal) = &self.principal {
-            let mode = self.config.auth.mode;
-            let still_valid = match principal.method {
-                AuthMethod::Token => {
-                    mode != AuthMode::Mtls && self.gateway.tokens.load().still_holds(principal)
-                }
-                AuthMethod::Mtls => mode != AuthMode::Token,
-            };
-            if !still_valid {
-                return Err(CloseReason::Revoked);
-            }
-        }
         let (_, conn) = self.stream.get_ref();
-        if let Some(chain) = conn.peer_certificates() {
-            if !self.gateway.tls.client_chain_verifies(chain) {
-                return Err(CloseReason::Revoked);
-            }
-        }
-        Ok(())
+        still_allowed(
+            self.gateway,
+            self.ip,
+            self.principal.as_ref(),
+            conn.peer_certificates(),
+        )
     }
 
     /// True when the client should now be handed to the upstream: one serves, the client
@@ -594,7 +576,14 @@ impl Session<'_> {
             self.principal.as_ref(),
             framing,
         );
-        match upstream.open(&client).await {
+        // The connect may take up to twice `connect_timeout`: a ban or the end of the drain
+        // does not wait for it.
+        let opened = tokio::select! {
+            opened = upstream.open(&client) => opened,
+            _ = self.gateway.shutdown.force.cancelled() => return Some(CloseReason::Shutdown),
+            _ = self.banned.cancelled() => return Some(CloseReason::Banned),
+        };
+        match opened {
             Ok(link) if upstream.mode() == UpstreamMode::Stream => {
                 Some(self.relay_stream(link).await)
             }
@@ -624,10 +613,21 @@ impl Session<'_> {
         }
         self.wbuf.clear();
         let pending = self.rbuf.split().freeze();
+        // The relay holds the stream: what a recheck needs is taken out of it first.
+        let (_, conn) = self.stream.get_ref();
+        let chain: Option<Vec<CertificateDer<'static>>> = conn
+            .peer_certificates()
+            .map(|chain| chain.iter().map(|c| c.clone().into_owned()).collect());
+        let (gateway, ip, principal) = (self.gateway, self.ip, self.principal.clone());
+        let recheck = move || still_allowed(gateway, ip, principal.as_ref(), chain.as_deref());
+        let subscribe = || gateway.rules_changed.subscribe();
         let stops = stream::Stops {
             idle_timeout: self.config.limits.idle_timeout,
-            force: &self.gateway.shutdown.force,
+            force: &gateway.shutdown.force,
             banned: self.banned,
+            lifetime_end: self.lifetime_deadline(),
+            subscribe: &subscribe,
+            still_allowed: &recheck,
         };
         let reason = stream::relay(&mut self.stream, link, pending, stops).await;
         self.close(reason).await
@@ -717,6 +717,38 @@ impl Session<'_> {
         self.close(CloseReason::TooLarge).await;
         let _ = timeout(DISCARD_TIMEOUT, discard(&mut self.stream, DISCARD_BYTES)).await;
         CloseReason::TooLarge
+    }
+}
+
+/// Whether a connection may stay under the rules now in force: its address against the
+/// access lists and bans, its token against the token list and the auth mode, and its
+/// client certificate against the client CA and CRLs.
+fn still_allowed(
+    gateway: &Gateway,
+    ip: IpAddr,
+    principal: Option<&Principal>,
+    chain: Option<&[CertificateDer<'_>]>,
+) -> Result<(), CloseReason> {
+    match gateway.admission.still_admitted(ip) {
+        Ok(()) => {}
+        Err(RejectReason::Banned) => return Err(CloseReason::Banned),
+        Err(_) => return Err(CloseReason::Denied),
+    }
+    if let Some(principal) = principal {
+        let mode = gateway.config().auth.mode;
+        let still_valid = match principal.method {
+            AuthMethod::Token => {
+                mode != AuthMode::Mtls && gateway.tokens.load().still_holds(principal)
+            }
+            AuthMethod::Mtls => mode != AuthMode::Token,
+        };
+        if !still_valid {
+            return Err(CloseReason::Revoked);
+        }
+    }
+    match chain {
+        Some(chain) if !gateway.tls.client_chain_verifies(chain) => Err(CloseReason::Revoked),
+        _ => Ok(()),
     }
 }
 

@@ -255,3 +255,72 @@ fn a_crl_without_a_client_ca_is_refused_by_check_config() {
     let err = config.validate().unwrap_err().to_string();
     assert!(err.starts_with("tls.client_crl"), "{err}");
 }
+
+/// `[upstream]` in stream mode in front of `upstream`, passive health only.
+fn stream_upstream(upstream: &support::upstream::MockUpstream) -> String {
+    format!(
+        "[upstream]\nservers = [\"{}\"]\nmode = \"stream\"\nhealth_interval = \"0s\"\n",
+        upstream.addr
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relayed_stream_is_closed_when_its_token_is_removed() {
+    let certs = TestCerts::new();
+    let mut upstream = support::upstream::MockUpstream::start().await;
+    let relay = stream_upstream(&upstream);
+    let gateway = Process::gateway(&certs, &format!("{}{relay}", bob_entry()));
+    let mut bob = Client::connect(gateway.addr, &certs).await;
+    assert_eq!(
+        bob.request_line(&format!("AUTH {BOB_TOKEN}")).await,
+        "OK bob"
+    );
+    let mut conn = upstream.next().await;
+    conn.read_header().await;
+    bob.send(b"raw bytes\n").await;
+    assert_eq!(conn.read_bytes(10).await, b"raw bytes\n");
+
+    // The attack: once relaying, the connection no longer looked at reloads.
+    write_config(&certs, &relay);
+    gateway.signal(libc::SIGHUP);
+    bob.expect_close_notify().await;
+    wait_for_sample(
+        gateway.admin,
+        "portcullis_connections_closed_total{reason=\"revoked\"}",
+        1.0,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connection_lifetime_ends_a_relayed_stream() {
+    let certs = TestCerts::new();
+    let mut upstream = support::upstream::MockUpstream::start().await;
+    let extra = format!(
+        "{}[limits]\nmax_connection_lifetime = \"800ms\"\n",
+        stream_upstream(&upstream)
+    );
+    let gateway = Process::gateway(&certs, &extra);
+    let started = Instant::now();
+    let mut client = Client::authed(gateway.addr, &certs).await;
+    let mut conn = upstream.next().await;
+    conn.read_header().await;
+    // Busy all the while: the idle timeout never fires, the lifetime does.
+    while started.elapsed() < Duration::from_millis(500) {
+        client.send(b"tick\n").await;
+        assert_eq!(conn.read_bytes(5).await, b"tick\n");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    client.expect_close_notify().await;
+    let lived = started.elapsed();
+    assert!(
+        lived >= Duration::from_millis(750) && lived < Duration::from_secs(4),
+        "closed after {lived:?}"
+    );
+    wait_for_sample(
+        gateway.admin,
+        "portcullis_connections_closed_total{reason=\"lifetime\"}",
+        1.0,
+    )
+    .await;
+}

@@ -161,7 +161,14 @@ impl Pool {
             let mut candidates = order.filter(|&i| self.has_room(i));
             candidates.find(|&i| self.passive_only && self.claim_retry(i, now))
         })?;
-        self.servers[chosen].active.fetch_add(1, Ordering::Relaxed);
+        // Chosen by a plain read: the place is taken only if it is still free now, so that
+        // connections picking at the same moment never pass `max_connections_per_server`.
+        self.servers[chosen]
+            .active
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max_per_server).then_some(n + 1)
+            })
+            .ok()?;
         crate::metrics::upstream_connections(1.0);
         Some(ServerSlot {
             pool: self.clone(),

@@ -80,10 +80,16 @@ impl ClientInfo {
     }
 }
 
+/// The subject CN, for `PP2_SUBTYPE_SSL_CN`. Left out when it holds a control character:
+/// the identity may come from a DNS SAN that passed the check while the CN did not, and
+/// backends log this value.
 fn subject_cn(der: &[u8]) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     let cn = cert.subject().iter_common_name().next()?;
-    cn.as_str().ok().map(str::to_string)
+    cn.as_str()
+        .ok()
+        .filter(|cn| crate::auth::is_printable(cn))
+        .map(str::to_string)
 }
 
 /// The PROXY v2 header (PROXY command, TCP) for `client`. Fails only when a TLV would not

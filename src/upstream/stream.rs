@@ -2,7 +2,9 @@
 //! both ways, through two fixed buffers. Each side's EOF is passed on (close_notify to the
 //! client, a write shutdown to the upstream) once what it sent was delivered, and the other
 //! direction goes on until it ends too. The connection is idle, and closed, when no byte
-//! has moved either way for `idle_timeout`.
+//! has moved either way for `idle_timeout`. A relayed connection stays under the rules of
+//! every other one: a reload or an admin ban makes it check itself again (revoked token,
+//! denied address), and `max_connection_lifetime` ends it.
 
 use std::io;
 use std::pin::Pin;
@@ -29,6 +31,12 @@ pub struct Stops<'a> {
     /// `drain_timeout` is over (SIGTERM leaves relayed connections until then).
     pub force: &'a CancellationToken,
     pub banned: &'a CancellationToken,
+    /// When `max_connection_lifetime` ends the connection, if it is set.
+    pub lifetime_end: Option<Instant>,
+    /// The token the next change of rules (reload, admin ban) cancels.
+    pub subscribe: &'a (dyn Fn() -> CancellationToken + Sync),
+    /// Run again after each change: whether the connection may stay, else why it closes.
+    pub still_allowed: &'a (dyn Fn() -> Result<(), CloseReason> + Sync),
 }
 
 /// Relays `client` and the link's upstream until both directions have ended. `pending`
@@ -59,12 +67,22 @@ where
     let copy = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, BUFFER, BUFFER);
     tokio::pin!(copy);
     let idle = tokio::time::sleep(stops.idle_timeout);
-    tokio::pin!(idle);
+    let lifetime = tokio::time::sleep_until(stops.lifetime_end.unwrap_or_else(Instant::now));
+    let changed = (stops.subscribe)().cancelled_owned();
+    tokio::pin!(idle, lifetime, changed);
     loop {
         tokio::select! {
             result = &mut copy => return finished(result, &state),
             _ = stops.force.cancelled() => return CloseReason::Shutdown,
             _ = stops.banned.cancelled() => return CloseReason::Banned,
+            _ = &mut lifetime, if stops.lifetime_end.is_some() => return CloseReason::Lifetime,
+            _ = &mut changed => {
+                // Subscribe again before checking, so that no change is missed.
+                changed.set((stops.subscribe)().cancelled_owned());
+                if let Err(reason) = (stops.still_allowed)() {
+                    return reason;
+                }
+            }
             _ = &mut idle => {
                 let last = state.last_activity();
                 if last.elapsed() >= stops.idle_timeout {
