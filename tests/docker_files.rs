@@ -748,3 +748,24 @@ fn compose_certificate_step_lets_the_image_user_read_the_key() {
         show(&out)
     );
 }
+
+/// Cluster mode: a `redis` service without persistence, both replicas started after it and
+/// pointed at it by docker/portcullis.toml.
+#[test]
+fn compose_runs_redis_for_cluster_mode_without_persistence() {
+    let services = compose_services();
+    let redis = services.get("redis").expect("a redis service");
+    let command = value(redis, "command").expect("redis has a command");
+    assert!(
+        command.contains("\"--save\", \"\"") && command.contains("\"--appendonly\", \"no\""),
+        "no persistence: {command}"
+    );
+    assert!(value(redis, "ports").is_none(), "redis publishes no port");
+    for (name, lines) in replicas(&services) {
+        assert!(
+            lines.iter().any(|l| l.trim() == "redis:"),
+            "{name} depends on redis: {lines:?}"
+        );
+    }
+    assert_eq!(toml_string("cluster", "redis"), "redis://redis:6379/0");
+}

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use portcullis::bootstrap::{default_sans, generate_certs, CertPaths};
+use support::redis_server::RedisServer;
 use support::*;
 
 fn docker_file(name: &str) -> PathBuf {
@@ -63,8 +64,9 @@ impl Drop for Service {
     }
 }
 
-/// A replica running docker/portcullis.toml, with loopback addresses from the environment.
-fn replica(dir: &Path) -> Process {
+/// A replica running docker/portcullis.toml, with loopback addresses from the environment
+/// (Redis included).
+fn replica(dir: &Path, redis: &RedisServer) -> Process {
     let mut command = Command::new(env!("CARGO_BIN_EXE_portcullis"));
     command
         .args(["--config", dir.join("portcullis.toml").to_str().unwrap()])
@@ -74,10 +76,18 @@ fn replica(dir: &Path) -> Process {
         .env("PORTCULLIS_LOG_FORMAT", "text")
         .env("PORTCULLIS_SERVER_SHUTDOWN_DELAY", "2s")
         .env("PORTCULLIS_SERVER_DRAIN_TIMEOUT", "5s")
-        .env("PORTCULLIS_LIMITS_CONNECTION_RATE_PER_IP", "10")
-        .env("PORTCULLIS_LIMITS_CONNECTION_BURST_PER_IP", "10");
+        .env("PORTCULLIS_CLUSTER_REDIS", redis.url())
+        .env("PORTCULLIS_LIMITS_CONNECTION_RATE_PER_IP", RATE.to_string())
+        .env(
+            "PORTCULLIS_LIMITS_CONNECTION_BURST_PER_IP",
+            BURST.to_string(),
+        );
     Process::spawn_command(command)
 }
+
+/// The per-client connection rate and burst of each replica.
+const RATE: u32 = 2;
+const BURST: u32 = 8;
 
 fn client_options(certs: &CertPaths, source: [u8; 4]) -> ClientOptions {
     ClientOptions {
@@ -124,7 +134,8 @@ async fn haproxy_two_replicas_and_prometheus() {
         dir.path().join("portcullis.toml"),
     )
     .unwrap();
-    let mut replicas = vec![replica(dir.path()), replica(dir.path())];
+    let redis = RedisServer::start();
+    let mut replicas = vec![replica(dir.path(), &redis), replica(dir.path(), &redis)];
 
     let haproxy_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let mut command = Command::new("haproxy");
@@ -176,22 +187,30 @@ async fn haproxy_two_replicas_and_prometheus() {
         "{first}"
     );
 
-    // The per-IP rate limit (burst 10 per replica) refuses 127.0.0.2 ...
+    // The per-IP rate limit holds across both replicas (cluster mode): 127.0.0.2, pressing
+    // through HAProxy (round robin) for 8 s, gets at most 1.25 × (10 × RATE + BURST) in
+    // all, where two standalone replicas would each grant BURST + 8 × RATE (48 in all) ...
     let mut served = 1;
-    let mut refused = false;
-    for _ in 0..60 {
+    let mut refused = 0;
+    let until = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < until {
         if whoami(haproxy_addr, &certs, [127, 0, 0, 2]).await.is_some() {
             served += 1;
         } else {
-            refused = true;
-            break;
+            refused += 1;
         }
     }
+    let bound = (10 * RATE + BURST) * 5 / 4;
+    eprintln!("127.0.0.2: {served} served, {refused} refused in 8 s");
     assert!(
-        refused,
+        refused > 0,
         "127.0.0.2 was never rate limited ({served} served)"
     );
-    assert!(served >= 10, "refused too early, after {served}");
+    assert!(
+        served <= bound,
+        "{served} served through both replicas, over the cluster-wide bound {bound}"
+    );
+    assert!(served >= BURST, "refused too early, after {served}");
     // ... while 127.0.0.3 is still served.
     let other = whoami(haproxy_addr, &certs, [127, 0, 0, 3])
         .await
