@@ -798,3 +798,60 @@ async fn behind_a_trusted_balancer_the_upstream_is_told_the_real_client() {
     tls.read_exact(&mut ok).await.unwrap();
     assert_eq!(&ok, b"OK alice\n");
 }
+
+/// The README's Python reader, as printed there.
+fn readme_python_reader() -> String {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let section = readme
+        .split("## Putting your service behind portcullis")
+        .nth(1)
+        .expect("README section");
+    let block = section.split("```python\n").nth(1).expect("python block");
+    block.split("```").next().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn the_readme_python_reader_works_as_an_upstream() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("reader.py");
+    std::fs::write(&script, readme_python_reader()).unwrap();
+    let port = support::free_port();
+    let mut python = std::process::Command::new("python3")
+        .arg(&script)
+        .arg(port.to_string())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 (.ci/run installs it)");
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    // Wait until it listens, probing the way a health check does (a LOCAL header).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut probe = loop {
+        if let Ok(tcp) = std::net::TcpStream::connect(addr) {
+            break tcp;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the reader did not listen"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    std::io::Write::write_all(&mut probe, b"\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00").unwrap();
+    drop(probe);
+    let certs = TestCerts::new();
+    let gateway = Process::gateway(&certs, &upstream_config(&[addr], ""));
+    let mut client = Client::authed(gateway.addr, &certs).await;
+    assert_eq!(client.request_line("hello").await, "alice: hello");
+    assert_eq!(client.request_line("again").await, "alice: again");
+    let me = client_addr(&client);
+    drop(client);
+    let _ = python.kill();
+    let mut out = String::new();
+    std::io::Read::read_to_string(python.stdout.as_mut().unwrap(), &mut out).unwrap();
+    let _ = python.wait();
+    let expected = format!(
+        "client ('127.0.0.1', {}) identity alice method token",
+        me.port()
+    );
+    assert!(out.contains(&expected), "{out}");
+}
