@@ -28,8 +28,9 @@
 //! applies a reloaded configuration whole, waking open connections to check themselves
 //! against it; [`cluster`] shares limits, bans and ticket keys with other replicas through
 //! Redis; [`config`] is the typed configuration, [`deadline`] computes deadlines that
-//! cannot overflow, [`reload`] triggers reloads (SIGHUP, polling), and [`bootstrap`] is the
-//! development set-up.
+//! cannot overflow, [`descriptors`] raises the open-file limit at start and keeps the
+//! descriptor that refuses a connection when it runs out, [`reload`] triggers reloads
+//! (SIGHUP, polling), and [`bootstrap`] is the development set-up.
 
 pub mod admin;
 pub mod admin_bans;
@@ -42,6 +43,7 @@ pub mod codec;
 pub mod command;
 pub mod config;
 pub mod deadline;
+pub mod descriptors;
 pub mod error;
 pub mod gateway;
 pub mod handshake;

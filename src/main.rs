@@ -254,6 +254,7 @@ fn serve(explicit: Option<PathBuf>, flags: &FlagOverrides) -> anyhow::Result<Exi
     let path = config_path(explicit);
     let config = Config::load(path.as_deref(), std::env::vars(), flags)?;
     init_logging(&config);
+    portcullis::descriptors::check_at_start(&config);
     if let Some(warning) = config.unknown_env_warning() {
         tracing::warn!("{warning}");
     }

@@ -1,6 +1,7 @@
-//! Bind, accept, drain. The accept loop never dies: a failed `accept` (EMFILE and friends)
-//! is logged and retried after a back-off. Each connection runs in its own task, tracked so
-//! that shutdown can wait for them up to `drain_timeout`.
+//! Bind, accept, drain. The accept loop never dies: out of descriptors (EMFILE), it accepts
+//! with a reserved one and resets the connection, so clients are refused rather than left
+//! in the backlog; other failures are logged and retried after a back-off. Each connection
+//! runs in its own task, tracked so that shutdown can wait for them up to `drain_timeout`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,6 +13,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
+use crate::descriptors::{is_out_of_descriptors, Reserve};
+use crate::error::RejectReason;
 use crate::gateway::{Gateway, StartError};
 use crate::shutdown::Shutdown;
 
@@ -185,6 +188,7 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 async fn accept_loop(listener: &TcpListener, gateway: &Arc<Gateway>, tracker: &TaskTracker) {
     let mut backoff = ACCEPT_BACKOFF_MIN;
+    let mut reserve = Reserve::new();
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
@@ -196,6 +200,9 @@ async fn accept_loop(listener: &TcpListener, gateway: &Arc<Gateway>, tracker: &T
             Err(e) if is_per_connection(&e) => {
                 tracing::debug!(error = %e, "accept: connection gone before it was accepted");
             }
+            Err(e) if is_out_of_descriptors(&e) && refuse_with_reserve(listener, &mut reserve) => {
+                tracing::warn!(error = %e, "accept failed: out of file descriptors; refusing new connections");
+            }
             Err(e) => {
                 // EMFILE, ENFILE, ENOBUFS, ENOMEM: waiting is the only cure; retrying at
                 // once would spin on the same error.
@@ -205,6 +212,15 @@ async fn accept_loop(listener: &TcpListener, gateway: &Arc<Gateway>, tracker: &T
             }
         }
     }
+}
+
+/// Out of descriptors: the reserve takes the connection waiting in the backlog, which is
+/// refused (reset) rather than left there to time out. False when there was nothing to take
+/// or no descriptor to take it with: the caller backs off.
+fn refuse_with_reserve(listener: &TcpListener, reserve: &mut Reserve) -> bool {
+    reserve.refuse_one(listener, |stream, peer| {
+        crate::session::refuse_unaccepted(&stream, peer, RejectReason::MaxConnections);
+    })
 }
 
 /// Errors about one connection that vanished during accept; the listener is fine.

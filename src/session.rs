@@ -153,6 +153,13 @@ pub async fn run(accepted: Accepted, gateway: Arc<Gateway>) {
     }
 }
 
+/// Counts and refuses a connection the accept loop could only take with its reserved
+/// descriptor (the process is out of them): a reset, before any admission step.
+pub fn refuse_unaccepted(stream: &TcpStream, peer: SocketAddr, reason: RejectReason) {
+    metrics::connection_accepted();
+    refuse(stream, normalize_ip(peer.ip()), reason);
+}
+
 /// Closes a refused connection at once, with a reset (no TIME_WAIT left on the gateway),
 /// before a byte of TLS.
 fn refuse(stream: &TcpStream, ip: IpAddr, reason: RejectReason) {

@@ -276,6 +276,35 @@ fn stop_grace_period_outlasts_shutdown_delay_and_drain() {
     }
 }
 
+/// Each replica may open the descriptors its configuration needs (SPEC 9): Docker's default
+/// soft limit (1024 on many hosts) is far below max_connections.
+#[test]
+fn replicas_raise_the_open_file_limit_to_what_their_config_needs() {
+    let config = portcullis::config::Config::load(
+        Some(&docker_dir().join("portcullis.toml")),
+        std::iter::empty(),
+        &Default::default(),
+    )
+    .expect("docker/portcullis.toml loads");
+    let needed = portcullis::descriptors::descriptors_needed(&config);
+    let services = compose_services();
+    for (name, lines) in replicas(&services) {
+        assert!(
+            lines.iter().any(|l| l.trim() == "nofile:"),
+            "{name} sets ulimits: nofile"
+        );
+        for key in ["soft", "hard"] {
+            let limit: u64 = value(lines, key)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("{name} sets the {key} nofile limit"));
+            assert!(
+                limit >= needed,
+                "{name}: {key} nofile limit {limit} < the {needed} descriptors its config needs"
+            );
+        }
+    }
+}
+
 #[test]
 fn dockerfile_runtime_is_non_root_with_healthcheck_and_ports() {
     let stages = dockerfile_stages();
