@@ -107,6 +107,10 @@ async fn render_metrics(State(state): State<AdminState>) -> impl IntoResponse {
     let admission = &state.gateway.admission;
     crate::metrics::limiter_keys(admission.keys());
     crate::metrics::connections_active(admission.active());
+    // Listing /proc/self/fd takes a while with 10,000 connections open: not on a worker.
+    if let Err(e) = tokio::task::spawn_blocking(crate::metrics::refresh_process).await {
+        tracing::warn!(error = %e, "reading the process metrics failed");
+    }
     (
         [(
             header::CONTENT_TYPE,

@@ -129,6 +129,8 @@ pub fn install() -> PrometheusHandle {
             }
             describe();
             register_at_zero();
+            process().describe();
+            process().collect();
             handle
         })
         .clone()
@@ -180,7 +182,7 @@ fn describe() {
     );
     describe_gauge!(
         BUILD_INFO,
-        "Always 1; the version label says which build runs"
+        "Always 1; the labels say which build runs: version, rustls version, source commit"
     );
     describe_histogram!(
         UPSTREAM_CONNECT_DURATION,
@@ -257,7 +259,14 @@ fn register_at_zero() {
     for result in ["ok", "failed"] {
         counter!(CONFIG_RELOADS, "result" => result).absolute(0);
     }
-    gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    // BUILD_* come from build.rs: the rustls version in Cargo.lock, the git commit.
+    gauge!(
+        BUILD_INFO,
+        "version" => env!("CARGO_PKG_VERSION"),
+        "rustls" => env!("BUILD_RUSTLS_VERSION"),
+        "commit" => env!("BUILD_COMMIT"),
+    )
+    .set(1.0);
     for result in [
         ConnectResult::Ok,
         ConnectResult::Failed,
@@ -338,6 +347,22 @@ pub fn upstream_traffic(direction: UpstreamDirection, messages: u64, bytes: u64)
     let handles = &hot().upstream[direction as usize];
     handles.frames.increment(messages);
     handles.bytes.increment(bytes);
+}
+
+/// The process metrics in their standard names (`process_cpu_seconds_total`,
+/// `process_resident_memory_bytes`, `process_open_fds`, `process_max_fds`,
+/// `process_start_time_seconds`, and the virtual-memory and thread gauges), read from
+/// `/proc/self` by the `metrics-process` crate.
+fn process() -> &'static metrics_process::Collector {
+    static COLLECTOR: OnceLock<metrics_process::Collector> = OnceLock::new();
+    COLLECTOR.get_or_init(metrics_process::Collector::default)
+}
+
+/// Reads the process metrics again; every scrape does, so they are as fresh as the scrape.
+/// A few small reads of `/proc/self` (listing `fd/` grows with the open connections): call
+/// it off the async workers.
+pub fn refresh_process() {
+    process().collect();
 }
 
 /// A TCP connection was accepted (whether or not it is then refused).

@@ -201,10 +201,12 @@ async fn every_path_is_counted() {
         assert!(delta(&count) >= 1.0, "{count} did not move");
     }
     assert!(sample(&after, "portcullis_cert_not_after_timestamp_seconds") > 1.7e9);
-    assert_eq!(
-        sample(&after, "portcullis_build_info{version=\"0.1.0\"}"),
-        1.0
+    let build_info = format!(
+        "portcullis_build_info{{version=\"0.1.0\",rustls=\"{}\",commit=\"{}\"}}",
+        locked_rustls_version(),
+        source_commit()
     );
+    assert_eq!(sample(&after, &build_info), 1.0, "{build_info} in {after}");
     assert!(after.contains("portcullis_limiter_keys{limiter=\"connection_rate\"}"));
     assert!(after.contains("# HELP portcullis_connections_rejected_total"));
     assert!(after.contains("# TYPE portcullis_command_duration_seconds histogram"));
@@ -472,4 +474,86 @@ async fn admin_connections_are_capped_and_idle_ones_closed() {
         .await
         .unwrap();
     assert_eq!(status, 200);
+}
+
+/// The rustls version Cargo.lock pins (what `cargo build --locked` built).
+fn locked_rustls_version() -> String {
+    let lock = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.lock")).unwrap();
+    let at = lock
+        .find("name = \"rustls\"\nversion = \"")
+        .expect("rustls in Cargo.lock");
+    let (_, rest) = lock[at..].split_once("version = \"").unwrap();
+    rest.split('"').next().unwrap().to_string()
+}
+
+/// The commit the build came from, as `git` says, or "unknown" without git.
+fn source_commit() -> String {
+    std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// The soft RLIMIT_NOFILE of a process, from /proc.
+fn soft_nofile(pid: u32) -> f64 {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("Max open files");
+    line.split_whitespace().nth(3).unwrap().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn process_metrics_describe_the_gateway_process_at_each_scrape() {
+    let certs = TestCerts::new();
+    let gateway = Process::gateway(&certs, "");
+    let pid = gateway.child.id();
+    let before = scrape(gateway.admin).await;
+    for (name, kind) in [
+        ("process_cpu_seconds_total", "counter"),
+        ("process_resident_memory_bytes", "gauge"),
+        ("process_open_fds", "gauge"),
+        ("process_max_fds", "gauge"),
+        ("process_start_time_seconds", "gauge"),
+    ] {
+        assert!(
+            before.contains(&format!("# TYPE {name} {kind}")),
+            "{name}: {before}"
+        );
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let started = sample(&before, "process_start_time_seconds");
+    assert!(
+        started > now - 120.0 && started <= now + 1.0,
+        "started {started}, now {now}"
+    );
+    assert!(sample(&before, "process_resident_memory_bytes") > 1e6);
+    assert_eq!(sample(&before, "process_max_fds"), soft_nofile(pid));
+    let open_before = sample(&before, "process_open_fds");
+    assert!(open_before > 0.0 && open_before < sample(&before, "process_max_fds"));
+
+    // Twenty more connections are twenty more descriptors, seen by the next scrape.
+    let mut held = Vec::new();
+    for _ in 0..20 {
+        held.push(Client::authed(gateway.addr, &certs).await);
+    }
+    let after = scrape(gateway.admin).await;
+    assert_eq!(sample(&after, "portcullis_connections_active"), 20.0);
+    let open_after = sample(&after, "process_open_fds");
+    assert!(
+        open_after >= open_before + 20.0,
+        "{open_before} -> {open_after}"
+    );
+    assert!(
+        sample(&after, "process_cpu_seconds_total") >= sample(&before, "process_cpu_seconds_total")
+    );
+    drop(held);
 }

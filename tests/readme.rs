@@ -244,3 +244,48 @@ fn default_text(template: &toml::Value, var: &str) -> String {
     }
     "x".into()
 }
+
+/// The README's example alerts are valid rules (promtool, which .ci/run installs) over
+/// series a running gateway exports.
+#[test]
+fn the_example_alerts_pass_promtool_and_name_real_series() {
+    let rules = blocks(&readme())
+        .into_iter()
+        .map(|(_, lines)| lines)
+        .find(|lines| lines.first().map(String::as_str) == Some("groups:"))
+        .expect("the README's example alerts")
+        .join("\n");
+    assert!(
+        rules.contains("process_open_fds"),
+        "an alert on descriptors: {rules}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("alerts.yml");
+    std::fs::write(&file, &rules).unwrap();
+    let out = Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&file)
+        .output()
+        .expect("promtool is installed (.ci/run installs the prometheus package)");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let certs = TestCerts::new();
+    let gateway = Process::gateway(&certs, "");
+    let (_, scrape) = http_get(gateway.admin, "/metrics").expect("scrape");
+    let names = rules
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("portcullis_") || w.starts_with("process_"));
+    for name in names {
+        let series = name.trim_end_matches("_bucket");
+        assert!(
+            scrape.contains(&format!("\n{series}"))
+                || scrape.contains(&format!("# TYPE {series} ")),
+            "the README's alerts use {name}, which /metrics does not export"
+        );
+    }
+}
