@@ -88,10 +88,24 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("portcullis: {e:#}");
+            eprintln!("portcullis: {}", said_once(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes, each said once. Many messages already include their cause
+/// (`"cannot listen on {addr}: {source}"`); `{:#}` would then print it a second time.
+fn said_once(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+    }
+    out
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -172,7 +186,7 @@ fn check_config(path: Option<PathBuf>, flags: &FlagOverrides) -> anyhow::Result<
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
-            eprintln!("configuration invalid: {e:#}");
+            eprintln!("configuration invalid: {}", said_once(&e));
             Ok(ExitCode::FAILURE)
         }
     }

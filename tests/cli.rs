@@ -163,3 +163,25 @@ fn an_invalid_log_level_is_an_error() {
     );
     assert!(out.status.success(), "{}", stderr(&out));
 }
+
+#[test]
+fn a_port_in_use_is_said_once() {
+    let certs = TestCerts::new();
+    let config = write_config(&certs, "");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = portcullis(
+        &[
+            "serve",
+            "--config",
+            config.to_str().unwrap(),
+            "--listen",
+            &addr,
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let text = stderr(&out);
+    assert!(text.contains(&addr), "{text}");
+    assert_eq!(text.matches("Address already in use").count(), 1, "{text}");
+}
