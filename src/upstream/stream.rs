@@ -69,6 +69,11 @@ where
     let idle = tokio::time::sleep(stops.idle_timeout);
     let lifetime = tokio::time::sleep_until(stops.lifetime_end.unwrap_or_else(Instant::now));
     let changed = (stops.subscribe)().cancelled_owned();
+    // A change that landed while the upstream connect was under way, before this
+    // subscription, is seen by checking once now.
+    if let Err(reason) = (stops.still_allowed)() {
+        return reason;
+    }
     tokio::pin!(idle, lifetime, changed);
     loop {
         tokio::select! {
