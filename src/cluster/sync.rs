@@ -237,7 +237,11 @@ impl Link<'_> {
             };
             let left = until.saturating_sub(redis_now);
             if left > 0 {
-                ban(key, now + Duration::from_millis(left as u64));
+                // `left` comes from Redis: a corrupt entry must not overflow the instant.
+                ban(
+                    key,
+                    crate::deadline::after(now, Duration::from_millis(left as u64)),
+                );
             }
         }
     }
