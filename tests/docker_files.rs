@@ -798,3 +798,37 @@ fn compose_runs_redis_for_cluster_mode_without_persistence() {
     }
     assert_eq!(toml_string("cluster", "redis"), "redis://redis:6379/0");
 }
+
+/// Both replicas relay to the compose `upstream` service, which builds and runs the example
+/// upstream as non-root on the port the replicas name.
+#[test]
+fn replicas_relay_to_the_example_upstream_service() {
+    let services = compose_services();
+    let upstream = services.get("upstream").expect("an upstream service");
+    let dockerfile = value(upstream, "dockerfile").expect("built from a Dockerfile");
+    let text = read(&root().join(&dockerfile));
+    assert!(
+        text.contains("--locked --example upstream_echo"),
+        "{dockerfile} builds examples/upstream_echo.rs"
+    );
+    assert!(
+        text.contains("USER 65532:65532"),
+        "{dockerfile} runs as non-root"
+    );
+    let port = text
+        .lines()
+        .find_map(|l| l.strip_prefix("CMD [\"0.0.0.0:"))
+        .and_then(|rest| rest.split('"').next())
+        .expect("CMD names the listening address");
+    for (name, replica) in replicas(&services) {
+        assert_eq!(
+            value(replica, "PORTCULLIS_UPSTREAM_SERVERS").as_deref(),
+            Some(format!("upstream:{port}").as_str()),
+            "{name} relays to the upstream service"
+        );
+        assert!(
+            replica.iter().any(|l| l.trim() == "upstream:"),
+            "{name} starts after the upstream service"
+        );
+    }
+}
