@@ -21,7 +21,8 @@
 //!   connection including the gateway's connection to the backend.
 //!
 //! `cargo bench --bench load` with no arguments starts the built `portcullis` itself (one
-//! worker thread, auth mode none) and runs every scenario briefly. Against another server
+//! worker thread, auth mode none) and runs every scenario briefly; `--redis URL` starts it
+//! in cluster mode on that Redis. Against another server
 //! (benches/compare.sh): `--target ADDR --ca FILE --pid PID --label NAME`. `backend ADDR`
 //! runs the plaintext echo backend that HAProxy and stunnel forward to in the comparison;
 //! `raw-echo ADDR` the byte echo that every gateway relays to in benches/relay.sh.
@@ -68,6 +69,10 @@ struct Args {
     /// Seconds per timed scenario.
     #[arg(long, default_value_t = 3.0)]
     seconds: f64,
+    /// Cluster mode for the started portcullis: share its state through this Redis
+    /// (`redis://127.0.0.1:6379/0`), to compare with standalone.
+    #[arg(long)]
+    redis: Option<String>,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -98,7 +103,7 @@ fn main() {
         }
         let local = match args.target {
             Some(_) => None,
-            None => Some(LocalServer::start()),
+            None => Some(LocalServer::start(args.redis.as_deref())),
         };
         let target = args
             .target
@@ -641,7 +646,8 @@ struct LocalServer {
 }
 
 impl LocalServer {
-    fn start() -> LocalServer {
+    /// Starts it, in cluster mode on `redis` when given.
+    fn start(redis: Option<&str>) -> LocalServer {
         use std::io::BufRead;
         let dir = tempfile::tempdir().expect("tempdir");
         let certs = portcullis::bootstrap::generate_certs(
@@ -658,6 +664,7 @@ impl LocalServer {
                 "--log-level",
                 "warn,portcullis=info",
             ])
+            .env("PORTCULLIS_CLUSTER_REDIS", redis.unwrap_or(""))
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("portcullis");

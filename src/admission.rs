@@ -548,6 +548,9 @@ impl Admission {
         });
         self.failures.shrink_to_fit();
         self.per_key.shrink_to_fit();
+        if let Some(cluster) = &self.cluster {
+            cluster.shrink();
+        }
     }
 
     pub fn keys(&self) -> LimiterKeys {

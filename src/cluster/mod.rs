@@ -205,6 +205,11 @@ impl Cluster {
         self.settings.store(Arc::new(ClusterSettings::new(config)));
     }
 
+    /// Gives the shared-rate map's spare capacity back; run with the limiters' pruning.
+    pub fn shrink(&self) {
+        self.rate.shrink();
+    }
+
     /// Keys of this replica's shared-rate map (for tests and the key gauge).
     pub fn rate_keys(&self) -> usize {
         self.rate.len()

@@ -139,12 +139,17 @@ impl SharedRate {
         }
     }
 
-    /// Drops entries of keys not admitted here within the window.
+    /// Drops entries of keys not admitted here within the window (every sync: a cheap
+    /// pass; the map's spare capacity is given back by [`SharedRate::shrink`]).
     pub fn prune(&self) {
         let now = Instant::now();
         self.entries.retain(|_, e| {
             now.saturating_duration_since(e.last_admit) <= WINDOW + Duration::from_secs(1)
         });
+    }
+
+    /// Gives the map's spare capacity back (after a spray, with the limiter pruning).
+    pub fn shrink(&self) {
         self.entries.shrink_to_fit();
     }
 

@@ -270,6 +270,7 @@ impl Link<'_> {
         self.cluster.failures.clear();
         self.cluster.failures.shrink_to_fit();
         self.cluster.rate.prune();
+        self.cluster.rate.shrink();
     }
 }
 
