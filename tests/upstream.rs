@@ -855,3 +855,38 @@ async fn the_readme_python_reader_works_as_an_upstream() {
     );
     assert!(out.contains(&expected), "{out}");
 }
+
+#[tokio::test]
+async fn stream_mode_closes_only_when_both_directions_are_idle() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let certs = TestCerts::new();
+    let mut upstream = MockUpstream::start().await;
+    let extra = "mode = \"stream\"\n[limits]\nidle_timeout = \"1s\"\n";
+    let gateway = Process::gateway(&certs, &upstream_config(&[upstream.addr], extra));
+    let mut client = Client::authed(gateway.addr, &certs).await;
+    let mut conn = upstream.next().await;
+    conn.read_header().await;
+    // Only the upstream talks, for twice the idle timeout: the connection stays.
+    for _ in 0..8 {
+        conn.stream.write_all(b"tick").await.unwrap();
+        let mut tick = [0u8; 4];
+        client.stream.read_exact(&mut tick).await.unwrap();
+        assert_eq!(&tick, b"tick");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // Then nobody does: it is closed as idle, the upstream too.
+    let started = std::time::Instant::now();
+    client.expect_closed().await;
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert!(
+        conn.read_bytes(1).await.is_empty(),
+        "the upstream is closed too"
+    );
+    assert_eq!(
+        sample(
+            &scrape(&gateway),
+            "portcullis_connections_closed_total{reason=\"idle_timeout\"}"
+        ),
+        1.0
+    );
+}
