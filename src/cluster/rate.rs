@@ -7,7 +7,7 @@
 //! [`crate::cluster`] explain why this keeps every 10 s window within SPEC 7's bound.
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
@@ -17,9 +17,12 @@ pub const WINDOW: Duration = Duration::from_secs(10);
 /// One-second buckets summed per check: 11 of them cover every 10 s window, wherever it
 /// starts, so that the last admission of any window saw all the others of that window.
 pub const BUCKETS: u64 = 11;
-/// The most keys published in one sync: one script call stays short even under a spray;
-/// keys beyond it are published by the next syncs.
-pub const MAX_KEYS_PER_SYNC: usize = 20_000;
+/// The most keys in one sync. The script costs Redis a few commands per key: 20,000 keys
+/// took it ~330 ms, longer than a sync interval, so an address spray could push every
+/// replica past its Redis timeout and into standalone mode. 2,000 keeps a call near
+/// 30 ms. Keys with new admissions go first (their counts must reach the cluster); the
+/// room left goes to keys that only fetch the cluster's total, in turns.
+pub const MAX_KEYS_PER_SYNC: usize = 2_000;
 
 /// One key's counts.
 #[derive(Debug)]
@@ -51,6 +54,8 @@ pub struct SharedRate {
     /// How many admissions of one key this replica may make before the cluster has counted
     /// them: `budget / (8 × replicas)`, at least 1. Updated from each sync's replica count.
     unconfirmed_cap: AtomicU64,
+    /// Where the next sync's slice of fetch-only keys starts.
+    fetch_cursor: AtomicUsize,
 }
 
 impl SharedRate {
@@ -59,6 +64,7 @@ impl SharedRate {
             entries: DashMap::new(),
             budget: AtomicU64::new(0),
             unconfirmed_cap: AtomicU64::new(1),
+            fetch_cursor: AtomicUsize::new(0),
         };
         shared.set_limits(rate_per_second, burst);
         shared
@@ -101,18 +107,31 @@ impl SharedRate {
 
     /// Drops the keys that have been quiet here for longer than the window (the cluster's
     /// totals of those matter again only when they connect again, and then they start
-    /// unconfirmed), and moves the pending counts of the others into the batch to publish:
-    /// `(key, count)`, the count 0 for keys whose total is only fetched.
+    /// unconfirmed), and moves pending counts into the batch to publish: `(key, count)`,
+    /// the count 0 for keys whose total is only fetched. At most [`MAX_KEYS_PER_SYNC`]:
+    /// keys with new admissions first (those left out keep their counts for the next
+    /// sync), then fetch-only keys, a different slice of them each sync.
     pub fn take_batch(&self) -> Vec<(IpAddr, u64)> {
         self.prune();
         let mut batch = Vec::with_capacity(self.entries.len().min(MAX_KEYS_PER_SYNC));
+        let mut fetch_only = Vec::new();
         for mut entry in self.entries.iter_mut() {
+            if entry.pending == 0 {
+                fetch_only.push(*entry.key());
+                continue;
+            }
             if batch.len() >= MAX_KEYS_PER_SYNC {
-                break;
+                continue;
             }
             let pending = std::mem::take(&mut entry.pending);
             entry.in_flight += pending;
             batch.push((*entry.key(), pending));
+        }
+        let room = MAX_KEYS_PER_SYNC - batch.len();
+        if !fetch_only.is_empty() && room > 0 {
+            let start = self.fetch_cursor.fetch_add(room, Ordering::Relaxed) % fetch_only.len();
+            let turn = fetch_only.iter().cycle().skip(start);
+            batch.extend(turn.take(room.min(fetch_only.len())).map(|&key| (key, 0)));
         }
         batch
     }
@@ -232,5 +251,42 @@ mod tests {
         let batch = rate.take_batch();
         rate.abandon(&batch);
         assert!(rate.may_admit(ip(1)));
+    }
+
+    #[test]
+    fn a_spray_fills_each_sync_with_new_counts_first_then_takes_turns_fetching() {
+        let rate = SharedRate::new(20, 40);
+        let key = |i: usize| IpAddr::from([10, (i >> 16) as u8, (i >> 8) as u8, i as u8]);
+        for i in 0..MAX_KEYS_PER_SYNC + 500 {
+            rate.admitted(key(i));
+        }
+        let first = rate.take_batch();
+        assert_eq!(first.len(), MAX_KEYS_PER_SYNC);
+        assert!(first.iter().all(|(_, n)| *n == 1), "new counts go first");
+        rate.apply(&first, &vec![1; first.len()], 1);
+        let second = rate.take_batch();
+        assert_eq!(
+            second.iter().filter(|(_, n)| *n == 1).count(),
+            500,
+            "the keys left out are published by the next sync"
+        );
+        assert_eq!(
+            second.len(),
+            MAX_KEYS_PER_SYNC,
+            "the rest of the room fetches"
+        );
+        rate.apply(&second, &vec![1; second.len()], 1);
+        let mut fetched = std::collections::HashSet::new();
+        for _ in 0..3 {
+            let batch = rate.take_batch();
+            assert!(batch.len() <= MAX_KEYS_PER_SYNC);
+            fetched.extend(batch.iter().map(|(k, _)| *k));
+            rate.apply(&batch, &vec![1; batch.len()], 1);
+        }
+        assert_eq!(
+            fetched.len(),
+            MAX_KEYS_PER_SYNC + 500,
+            "every key's total is fetched in turn"
+        );
     }
 }
