@@ -209,14 +209,4 @@ echo "connection-rate limiting, so its reject row measures a flood it accepts; H
 echo "portcullis both refuse a source above 20 new connections/s. Numbers on a shared machine"
 echo "are noisy: compare ratios across repeated runs, not single digits."
 echo
-if [[ -s $NOTES ]]; then
-    echo "Notes:"
-    echo
-    sed 's/^/- /' "$NOTES"
-    echo
-fi
-echo "Raw result lines:"
-echo
-echo '```'
-cat "$RESULTS"
-echo '```'
+print_notes_and_results

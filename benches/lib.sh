@@ -147,3 +147,18 @@ run_servers() {
         fi
     done
 }
+
+# The end of a report: what went wrong (NOTES), then the raw result lines (RESULTS).
+print_notes_and_results() {
+    if [[ -s $NOTES ]]; then
+        echo "Notes:"
+        echo
+        sed 's/^/- /' "$NOTES"
+        echo
+    fi
+    echo "Raw result lines:"
+    echo
+    echo '```'
+    cat "$RESULTS"
+    echo '```'
+}

@@ -177,14 +177,4 @@ echo "\"best\" is the better of HAProxy and nginx in that row. Server CPU per re
 echo "the inverse of \"requests per server CPU-second\": a ratio above 1 there means less CPU"
 echo "per message for portcullis. For p99 a ratio below 1 is better for portcullis."
 echo
-if [[ -s $NOTES ]]; then
-    echo "Notes:"
-    echo
-    sed 's/^/- /' "$NOTES"
-    echo
-fi
-echo "Raw result lines:"
-echo
-echo '```'
-cat "$RESULTS"
-echo '```'
+print_notes_and_results
