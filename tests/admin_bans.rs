@@ -53,18 +53,6 @@ async fn post_ban(admin: SocketAddr, body: &str) -> (u16, String) {
     .await
 }
 
-/// True when a connection from 127.0.0.`source` is refused.
-async fn refused(addr: SocketAddr, certs: &TestCerts, source: u8) -> bool {
-    match Client::connect_with(addr, certs, from(source)).await {
-        Err(_) => true,
-        Ok(mut c) => {
-            use tokio::io::AsyncWriteExt;
-            let _ = c.stream.write_all(b"PING\n").await;
-            c.is_closed().await
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_endpoints_need_a_configured_token_and_the_right_bearer() {
     let certs = TestCerts::new();
@@ -96,7 +84,7 @@ async fn the_endpoints_need_a_configured_token_and_the_right_bearer() {
     assert_eq!(status, 401, "a write without the token changes nothing");
     let (status, body) = curl(on.admin, "/bans", &["-H", &bearer(ADMIN_TOKEN)]).await;
     assert_eq!((status, body.trim()), (200, "[]"));
-    assert!(!refused(on.addr, &certs, 9).await);
+    assert!(!refused_from(on.addr, &certs, 9).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -119,7 +107,7 @@ async fn a_ban_closes_open_connections_refuses_new_ones_and_can_be_lifted() {
     .await;
     assert_eq!(status, 201);
     banned.expect_close_notify().await;
-    assert!(refused(gateway.addr, &certs, 21).await);
+    assert!(refused_from(gateway.addr, &certs, 21).await);
     assert_eq!(
         other.request_line("PING").await,
         "OK PONG",
@@ -143,7 +131,7 @@ async fn a_ban_closes_open_connections_refuses_new_ones_and_can_be_lifted() {
         curl(gateway.admin, "/bans/127.0.0.21/32", &lift).await.0,
         200
     );
-    assert!(!refused(gateway.addr, &certs, 21).await, "lifted");
+    assert!(!refused_from(gateway.addr, &certs, 21).await, "lifted");
     assert_eq!(
         curl(gateway.admin, "/bans/127.0.0.21/32", &lift).await.0,
         404

@@ -7,32 +7,6 @@ use std::time::{Duration, Instant};
 use portcullis::config::AuthMode;
 use support::*;
 
-fn with_cert(certs: &TestCerts, trusted: bool) -> ClientOptions {
-    let p = if trusted {
-        &certs.paths
-    } else {
-        &certs.untrusted
-    };
-    ClientOptions {
-        identity: Some((p.client_cert.clone(), p.client_key.clone())),
-        ..Default::default()
-    }
-}
-
-/// A failed handshake shows either at connect or, under TLS 1.3 where the client finishes
-/// first, as a closed connection at the first read.
-async fn refused(result: std::io::Result<Client>) -> bool {
-    match result {
-        Err(_) => true,
-        Ok(mut c) => {
-            use tokio::io::AsyncWriteExt;
-            let _ = c.stream.write_all(b"PING\n").await;
-            let _ = c.stream.flush().await;
-            c.is_closed().await
-        }
-    }
-}
-
 #[tokio::test]
 async fn trusted_client_certificate_authenticates_without_auth() {
     let certs = TestCerts::new();

@@ -238,19 +238,6 @@ async fn reload_with(gateway: &Process, certs: &TestCerts, extra: &str, result: 
     wait_for_sample(gateway.admin, &series, n).await;
 }
 
-/// True when a connection from 127.0.0.`source` is refused (reset before or at the
-/// handshake, or closed before its first reply).
-async fn refused(addr: std::net::SocketAddr, certs: &TestCerts, source: u8) -> bool {
-    match Client::connect_with(addr, certs, from(source)).await {
-        Err(_) => true,
-        Ok(mut c) => {
-            use tokio::io::AsyncWriteExt;
-            let _ = c.stream.write_all(b"PING\n").await;
-            c.is_closed().await
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_denied_cidr_closes_its_open_connection_and_refuses_new_ones() {
     let certs = TestCerts::new();
@@ -270,7 +257,7 @@ async fn a_denied_cidr_closes_its_open_connection_and_refuses_new_ones() {
     // Closed at the reload, gracefully, without waiting for its idle timeout (60 s).
     doomed.expect_close_notify().await;
     assert!(
-        refused(gateway.addr, &certs, 2).await,
+        refused_from(gateway.addr, &certs, 2).await,
         "new connections refused"
     );
     assert_eq!(
@@ -278,7 +265,7 @@ async fn a_denied_cidr_closes_its_open_connection_and_refuses_new_ones() {
         "OK PONG",
         "others untouched"
     );
-    assert!(!refused(gateway.addr, &certs, 3).await);
+    assert!(!refused_from(gateway.addr, &certs, 3).await);
     let scrape = wait_for_sample(
         gateway.admin,
         "portcullis_connections_closed_total{reason=\"denied\"}",
@@ -305,7 +292,7 @@ async fn a_lowered_connection_rate_is_enforced_after_sighup() {
         "[limits]\nconnection_rate_per_ip = 100\nconnection_burst_per_ip = 100\n",
     );
     for _ in 0..5 {
-        assert!(!refused(gateway.addr, &certs, 4).await);
+        assert!(!refused_from(gateway.addr, &certs, 4).await);
     }
     // A lower rate, and a key that needs a restart (logged, kept as it was).
     reload_with(
@@ -316,14 +303,14 @@ async fn a_lowered_connection_rate_is_enforced_after_sighup() {
         1.0,
     )
     .await;
-    assert!(!refused(gateway.addr, &certs, 4).await);
-    assert!(!refused(gateway.addr, &certs, 4).await);
+    assert!(!refused_from(gateway.addr, &certs, 4).await);
+    assert!(!refused_from(gateway.addr, &certs, 4).await);
     assert!(
-        refused(gateway.addr, &certs, 4).await,
+        refused_from(gateway.addr, &certs, 4).await,
         "the third connection within a second is over the new burst of 2"
     );
     assert!(
-        !refused(gateway.addr, &certs, 5).await,
+        !refused_from(gateway.addr, &certs, 5).await,
         "other addresses unaffected"
     );
     let stderr = gateway.stderr();
@@ -338,7 +325,7 @@ async fn an_invalid_file_changes_nothing() {
     let certs = TestCerts::new();
     let gateway = Process::gateway(&certs, "[access]\ndeny = [\"127.0.0.6/32\"]\n");
     let mut open = Client::authed(gateway.addr, &certs).await;
-    assert!(refused(gateway.addr, &certs, 6).await);
+    assert!(refused_from(gateway.addr, &certs, 6).await);
 
     // Lifts the deny, but also holds an invalid value: nothing of it may apply.
     reload_with(
@@ -350,14 +337,14 @@ async fn an_invalid_file_changes_nothing() {
     )
     .await;
     assert!(
-        refused(gateway.addr, &certs, 6).await,
+        refused_from(gateway.addr, &certs, 6).await,
         "the deny still holds"
     );
     assert_eq!(
         open.request_line("WHOAMI").await.split(' ').nth(1),
         Some("identity=alice")
     );
-    assert!(!refused(gateway.addr, &certs, 7).await);
+    assert!(!refused_from(gateway.addr, &certs, 7).await);
     let scrape = wait_for_sample(
         gateway.admin,
         "portcullis_config_reloads_total{result=\"failed\"}",

@@ -22,31 +22,6 @@ fn bob_entry() -> String {
     )
 }
 
-/// Options presenting the trusted client certificate (identity `dev-client`).
-fn with_client_cert(certs: &TestCerts) -> ClientOptions {
-    ClientOptions {
-        identity: Some((
-            certs.paths.client_cert.clone(),
-            certs.paths.client_key.clone(),
-        )),
-        ..Default::default()
-    }
-}
-
-/// A failed handshake shows either at connect or, under TLS 1.3 where the client finishes
-/// first, as a closed connection at the first read.
-async fn refused(result: std::io::Result<Client>) -> bool {
-    match result {
-        Err(_) => true,
-        Ok(mut c) => {
-            use tokio::io::AsyncWriteExt;
-            let _ = c.stream.write_all(b"PING\n").await;
-            let _ = c.stream.flush().await;
-            c.is_closed().await
-        }
-    }
-}
-
 fn identity(whoami: &str) -> Option<&str> {
     whoami.split(' ').nth(1)?.strip_prefix("identity=")
 }
@@ -97,7 +72,7 @@ async fn a_client_ca_change_closes_connections_whose_certificate_no_longer_verif
     let server_ca = certs.dir.path().join("server-ca.pem");
     std::fs::copy(&certs.paths.ca_cert, &server_ca).unwrap();
     let gateway = Process::gateway(&certs, "");
-    let mut mtls = Client::connect_ca(gateway.addr, &server_ca, with_client_cert(&certs))
+    let mut mtls = Client::connect_ca(gateway.addr, &server_ca, with_cert(&certs, true))
         .await
         .unwrap();
     assert_eq!(
@@ -118,7 +93,7 @@ async fn a_client_ca_change_closes_connections_whose_certificate_no_longer_verif
     mtls.expect_close_notify().await;
     assert_eq!(token.request_line("PING").await, "OK PONG");
     assert!(
-        refused(Client::connect_ca(gateway.addr, &server_ca, with_client_cert(&certs)).await).await
+        refused(Client::connect_ca(gateway.addr, &server_ca, with_cert(&certs, true)).await).await
     );
     wait_for_sample(
         gateway.admin,
@@ -172,7 +147,7 @@ async fn a_crl_refuses_a_revoked_client_certificate_and_reloads() {
     std::fs::write(&crl, empty).unwrap();
     let crl_var = crl.to_str().unwrap();
     let gateway = Process::gateway_with_env(&certs, "", &[("PORTCULLIS_TLS_CLIENT_CRL", crl_var)]);
-    let mut open = Client::connect_with(gateway.addr, &certs, with_client_cert(&certs))
+    let mut open = Client::connect_with(gateway.addr, &certs, with_cert(&certs, true))
         .await
         .unwrap();
     assert_eq!(
@@ -185,7 +160,7 @@ async fn a_crl_refuses_a_revoked_client_certificate_and_reloads() {
     gateway.signal(libc::SIGHUP);
     open.expect_close_notify().await;
     assert!(
-        refused(Client::connect_with(gateway.addr, &certs, with_client_cert(&certs)).await).await
+        refused(Client::connect_with(gateway.addr, &certs, with_cert(&certs, true)).await).await
     );
     // Clients without a certificate are not affected.
     let mut alice = Client::authed(gateway.addr, &certs).await;
@@ -208,7 +183,7 @@ async fn a_der_crl_given_at_start_refuses_the_revoked_certificate() {
     config.tls.client_crl = vec![crl];
     let server = TestServer::start(config).await;
     assert!(
-        refused(Client::connect_with(server.addr, &certs, with_client_cert(&certs)).await).await
+        refused(Client::connect_with(server.addr, &certs, with_cert(&certs, true)).await).await
     );
     let mut alice = Client::authed(server.addr, &certs).await;
     assert_eq!(alice.request_line("PING").await, "OK PONG");

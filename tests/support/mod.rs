@@ -576,6 +576,38 @@ pub fn from(last: u8) -> ClientOptions {
     }
 }
 
+/// Options presenting the test client certificate: the trusted CA's, or (`trusted` false)
+/// one from a CA the gateway does not know.
+pub fn with_cert(certs: &TestCerts, trusted: bool) -> ClientOptions {
+    let p = if trusted {
+        &certs.paths
+    } else {
+        &certs.untrusted
+    };
+    ClientOptions {
+        identity: Some((p.client_cert.clone(), p.client_key.clone())),
+        ..Default::default()
+    }
+}
+
+/// True when a connection attempt was refused: at connect, or (under TLS 1.3, where the
+/// client finishes first) closed before the reply to its first request.
+pub async fn refused(result: std::io::Result<Client>) -> bool {
+    match result {
+        Err(_) => true,
+        Ok(mut c) => {
+            let _ = c.stream.write_all(b"PING\n").await;
+            let _ = c.stream.flush().await;
+            c.is_closed().await
+        }
+    }
+}
+
+/// True when a connection from 127.0.0.`source` is refused (see [`refused`]).
+pub async fn refused_from(addr: SocketAddr, certs: &TestCerts, source: u8) -> bool {
+    refused(Client::connect_with(addr, certs, from(source)).await).await
+}
+
 /// A loopback port that was free a moment ago (for programs that cannot bind port 0 and
 /// report it, such as Prometheus).
 pub fn free_port() -> u16 {
