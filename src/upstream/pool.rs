@@ -215,7 +215,7 @@ impl Pool {
                 health.failures += 1;
                 if health.failures >= self.fall {
                     health.up = false;
-                    health.retry_at = Instant::now() + PASSIVE_RETRY;
+                    health.retry_at = crate::deadline::from_now(PASSIVE_RETRY);
                 }
             }
         }
