@@ -4,20 +4,14 @@
 
 use std::time::SystemTime;
 
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::Signal;
 use tokio_util::sync::CancellationToken;
 
 use crate::gateway::Gateway;
 
-/// Reloads on SIGHUP and when the watched files change, until `stop`.
-pub async fn watch(gateway: &Gateway, stop: CancellationToken) {
-    let mut hangup = match signal(SignalKind::hangup()) {
-        Ok(stream) => Some(stream),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGHUP; reload by polling only");
-            None
-        }
-    };
+/// Reloads on `hangup` (SIGHUP, registered at bind) and when the watched files change,
+/// until `stop`.
+pub async fn watch(gateway: &Gateway, mut hangup: Option<Signal>, stop: CancellationToken) {
     let mut seen = fingerprint(gateway);
     loop {
         // Read every time round: a reload may change the interval (0 turns polling off).

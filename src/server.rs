@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::{TcpListener, TcpSocket};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -34,6 +35,9 @@ pub struct Server {
     admin: TcpListener,
     gateway: Arc<Gateway>,
     metrics: PrometheusHandle,
+    /// SIGHUP, caught from before the gateway says it is serving: a SIGHUP's default action
+    /// ends the process, and a reload sent right after start must reload, not kill it.
+    hangup: Option<Signal>,
 }
 
 impl Server {
@@ -48,11 +52,17 @@ impl Server {
             addr: admin_addr,
             source,
         })?;
+        let hangup = signal(SignalKind::hangup())
+            .inspect_err(
+                |e| tracing::warn!(error = %e, "cannot listen for SIGHUP; reload by polling only"),
+            )
+            .ok();
         Ok(Server {
             listener,
             admin,
             gateway,
             metrics,
+            hangup,
         })
     }
 
@@ -77,6 +87,7 @@ impl Server {
             admin,
             gateway,
             metrics,
+            hangup,
         } = self;
         let tracker = TaskTracker::new();
         let shutdown = gateway.shutdown.clone();
@@ -85,6 +96,7 @@ impl Server {
             gateway.clone(),
             metrics.clone(),
             admin,
+            hangup,
             stopped.clone(),
         ));
         let stop_accepting = async {
@@ -124,6 +136,7 @@ async fn background(
     gateway: Arc<Gateway>,
     metrics: PrometheusHandle,
     admin: TcpListener,
+    hangup: Option<Signal>,
     stop: CancellationToken,
 ) {
     // The admin listener answers through the drain and stops when it is forced to end (the
@@ -158,7 +171,7 @@ async fn background(
             }
         }
     };
-    let reloads = crate::reload::watch(&gateway, stop.clone());
+    let reloads = crate::reload::watch(&gateway, hangup, stop.clone());
     let health = async {
         if let Some(upstream) = gateway.service.upstream() {
             upstream.check_health(stop.clone()).await;

@@ -368,3 +368,28 @@ async fn an_invalid_file_changes_nothing() {
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sighup_right_after_start_reloads_rather_than_ending_the_process() {
+    let certs = TestCerts::new();
+    let mut gateway = Process::gateway(&certs, "");
+    // At once after the "serving" line, as a deploy script's reload would.
+    gateway.signal(libc::SIGHUP);
+    let series = "portcullis_config_reloads_total{result=\"ok\"}";
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        assert!(
+            gateway.child.try_wait().unwrap().is_none(),
+            "SIGHUP ended the gateway: {}",
+            gateway.stderr()
+        );
+        let scrape = http_get(gateway.admin, "/metrics").map(|r| r.1);
+        if sample(&scrape.unwrap_or_default(), series) >= 1.0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no reload counted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut client = Client::authed(gateway.addr, &certs).await;
+    assert_eq!(client.request_line("PING").await, "OK PONG");
+}
