@@ -22,7 +22,7 @@ use crate::proxy_protocol::ProxySettings;
 use crate::shutdown::Shutdown;
 use crate::tickets::Ticketer;
 use crate::tls::{TlsMaterial, TlsSettings, TlsState};
-use crate::upstream::Upstream;
+use crate::upstream::{Resolved, Upstream};
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -68,7 +68,8 @@ pub struct Gateway {
 
 /// What serves an authenticated connection, chosen at start (SPEC section 6). Before
 /// authentication the built-in commands always answer (PING, AUTH, HELP, QUIT); after it,
-/// either they go on answering, or every message goes to the operator's own service.
+/// either they go on answering, or every message goes to the operator's own service. Which
+/// of the two needs a restart; the upstream's servers and settings reload.
 pub enum Service {
     /// The built-in commands of SPEC section 2.2: `[upstream] servers` is empty.
     Commands,
@@ -164,6 +165,8 @@ pub enum ReloadError {
     Tokens(#[from] crate::auth::BadDigest),
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
+    #[error(transparent)]
+    Upstream(#[from] crate::upstream::UpstreamInitError),
 }
 
 impl Gateway {
@@ -190,8 +193,8 @@ impl Gateway {
     }
 
     /// Applies a validated configuration: TLS material, CRLs, tokens, `[auth]`, `[access]`,
-    /// `[limits]`, `[protocol]` and `[proxy_protocol]`, then wakes open connections to check
-    /// themselves against it. Keys that need a new socket or process keep their running
+    /// `[limits]`, `[protocol]`, `[proxy_protocol]` and `[upstream]` (for new upstream
+    /// connections), then wakes open connections to check themselves against it. Keys that need a new socket or process keep their running
     /// values (logged as needing a restart). All or nothing: every file is loaded before
     /// anything is swapped.
     pub fn apply(&self, mut fresh: Config) -> Result<(), ReloadError> {
@@ -206,6 +209,10 @@ impl Gateway {
         let settings = TlsSettings::from_config(&fresh);
         let material = TlsMaterial::load(&settings, self.tls.ticketer())?;
         let tokens = TokenStore::from_entries(&fresh.auth.tokens)?;
+        let upstream = match self.service.upstream() {
+            Some(upstream) => Some((upstream, Resolved::from_config(&fresh)?)),
+            None => None,
+        };
         // Everything is loaded: from here on nothing fails.
         crate::metrics::cert_not_after(material.not_after);
         tracing::info!(serial = %material.serial, "serving certificate");
@@ -217,6 +224,9 @@ impl Gateway {
         }
         self.proxy
             .store(Arc::new(ProxySettings::new(&fresh.proxy_protocol)));
+        if let Some((upstream, servers)) = upstream {
+            upstream.reconfigure(&fresh, servers);
+        }
         self.config.store(Arc::new(fresh));
         self.rules_changed.notify();
         Ok(())
@@ -275,8 +285,18 @@ fn keep_restart_keys(running: &Config, fresh: &mut Config) -> Vec<&'static str> 
         &mut f.admin.header_timeout,
         &mut kept,
     );
-    // The upstream pool and its health checks are built once at start.
-    keep("upstream", &r.upstream, &mut f.upstream, &mut kept);
+    // Which service answers an authenticated client, and what it speaks on the wire, are
+    // chosen at start; the servers themselves and every other upstream key reload.
+    if r.upstream.servers.is_empty() != f.upstream.servers.is_empty() {
+        f.upstream.servers = r.upstream.servers.clone();
+        kept.push("upstream.servers (turning the upstream on or off)");
+    }
+    keep(
+        "upstream.mode",
+        &r.upstream.mode,
+        &mut f.upstream.mode,
+        &mut kept,
+    );
     // The link to Redis and the ticketer are built once at start.
     keep("cluster", &r.cluster, &mut f.cluster, &mut kept);
     keep(
@@ -293,6 +313,7 @@ fn keep_restart_keys(running: &Config, fresh: &mut Config) -> Vec<&'static str> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::UpstreamMode;
 
     #[test]
     fn restart_keys_keep_their_running_values() {
@@ -312,6 +333,39 @@ mod tests {
             std::time::Duration::from_secs(5),
             "reloadable keys take the new value"
         );
+    }
+
+    #[test]
+    fn upstream_servers_and_settings_reload_but_on_off_and_mode_need_a_restart() {
+        let mut running = Config::default();
+        running.upstream.servers = vec!["127.0.0.1:7000".into()];
+        let mut fresh = running.clone();
+        fresh.upstream.servers = vec!["127.0.0.1:7001".into()];
+        fresh.upstream.fall = 7;
+        fresh.upstream.health_interval = std::time::Duration::from_millis(100);
+        assert!(keep_restart_keys(&running, &mut fresh).is_empty());
+        assert_eq!(fresh.upstream.servers, ["127.0.0.1:7001"]);
+        assert_eq!(fresh.upstream.fall, 7);
+
+        fresh.upstream.servers.clear();
+        fresh.upstream.mode = UpstreamMode::Stream;
+        let kept = keep_restart_keys(&running, &mut fresh);
+        assert_eq!(
+            kept,
+            [
+                "upstream.servers (turning the upstream on or off)",
+                "upstream.mode"
+            ]
+        );
+        assert_eq!(fresh.upstream.servers, running.upstream.servers);
+        assert_eq!(fresh.upstream.mode, UpstreamMode::Messages);
+        assert_eq!(fresh.upstream.fall, 7, "the other keys still reload");
+
+        let mut turned_on = Config::default();
+        turned_on.upstream.servers = vec!["127.0.0.1:7000".into()];
+        let kept = keep_restart_keys(&Config::default(), &mut turned_on);
+        assert_eq!(kept, ["upstream.servers (turning the upstream on or off)"]);
+        assert!(turned_on.upstream.servers.is_empty());
     }
 
     #[test]

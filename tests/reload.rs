@@ -393,3 +393,249 @@ async fn a_sighup_right_after_start_reloads_rather_than_ending_the_process() {
     let mut client = Client::authed(gateway.addr, &certs).await;
     assert_eq!(client.request_line("PING").await, "OK PONG");
 }
+
+/// `[upstream]` for `servers` plus `extra` upstream keys.
+fn upstream_section(servers: &[std::net::SocketAddr], extra: &str) -> String {
+    let list: Vec<String> = servers.iter().map(|a| format!("\"{a}\"")).collect();
+    format!("[upstream]\nservers = [{}]\n{extra}", list.join(", "))
+}
+
+fn server_up(scrape: &str, server: std::net::SocketAddr) -> f64 {
+    sample(
+        scrape,
+        &format!("portcullis_upstream_server_up{{server=\"{server}\"}}"),
+    )
+}
+
+/// The next relayed (not health-check) connection an upstream accepts, past its header.
+async fn next_relayed(
+    upstream: &mut upstream::MockUpstream,
+) -> (upstream::UpstreamConn, upstream::ProxyInfo) {
+    loop {
+        let mut conn = upstream.next().await;
+        let header = conn.read_header().await;
+        if !header.local {
+            return (conn, header);
+        }
+    }
+}
+
+/// Waits until `upstream` has accepted at least `n` connections (fails after 10 s).
+async fn wait_accepts(upstream: &upstream::MockUpstream, n: usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while upstream.accepts() < n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} accepts, wanted {n}",
+            upstream.accepts()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_sends_new_connections_to_the_new_servers_and_leaves_open_ones_relaying() {
+    let certs = TestCerts::new();
+    let mut a = upstream::MockUpstream::start().await;
+    let mut b = upstream::MockUpstream::start().await;
+    let checks = "health_interval = \"100ms\"\n";
+    let gateway = Process::gateway(&certs, &upstream_section(&[a.addr], checks));
+    let mut on_a = Client::authed(gateway.addr, &certs).await;
+    let (mut conn_a, _) = next_relayed(&mut a).await;
+
+    reload_with(
+        &gateway,
+        &certs,
+        &upstream_section(&[b.addr], checks),
+        "ok",
+        1.0,
+    )
+    .await;
+    let mut on_b = Client::authed(gateway.addr, &certs).await;
+    let (mut conn_b, header) = next_relayed(&mut b).await;
+    assert_eq!(header.tlv_str(0xE0), "alice");
+    on_b.send_line("to b").await;
+    assert_eq!(conn_b.read_frame().await.unwrap(), b"to b");
+    // The connection opened before the reload goes on through A, both ways.
+    on_a.send_line("still to a").await;
+    assert_eq!(conn_a.read_frame().await.unwrap(), b"still to a");
+    conn_a.write_frame(b"from a").await;
+    assert_eq!(on_a.read_line().await, "from a");
+
+    // A is no longer checked, nor reported up; B is.
+    let a_seen = a.accepts();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        a.accepts(),
+        a_seen,
+        "no more health checks on the removed server"
+    );
+    let scrape = http_get(gateway.admin, "/metrics").unwrap().1;
+    assert_eq!(server_up(&scrape, a.addr), 0.0, "a removed server reads 0");
+    assert_eq!(server_up(&scrape, b.addr), 1.0);
+    assert_eq!(
+        sample(&scrape, "portcullis_upstream_connections_active"),
+        2.0
+    );
+    assert!(!gateway.stderr().contains("need a restart"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_fall_or_health_interval_takes_effect_at_a_reload() {
+    let certs = TestCerts::new();
+    // fall: a dead server checked every 100 ms stays up under fall = 1000.
+    let dead: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let checks = "health_interval = \"100ms\"\nconnect_timeout = \"500ms\"\n";
+    let gateway = Process::gateway(
+        &certs,
+        &upstream_section(&[dead], &format!("{checks}fall = 1000\n")),
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(http_get(gateway.admin, "/readyz").unwrap().0, 200);
+    reload_with(
+        &gateway,
+        &certs,
+        &upstream_section(&[dead], &format!("{checks}fall = 2\n")),
+        "ok",
+        1.0,
+    )
+    .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while http_get(gateway.admin, "/readyz").unwrap().0 != 503 {
+        assert!(std::time::Instant::now() < deadline, "never fell");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(gateway);
+
+    // health_interval: from one check an hour to one every 100 ms.
+    let live = upstream::MockUpstream::start().await;
+    let gateway = Process::gateway(
+        &certs,
+        &upstream_section(&[live.addr], "health_interval = \"1h\"\n"),
+    );
+    wait_accepts(&live, 1).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        live.accepts(),
+        1,
+        "one check at start, then none for an hour"
+    );
+    reload_with(
+        &gateway,
+        &certs,
+        &upstream_section(&[live.addr], "health_interval = \"100ms\"\n"),
+        "ok",
+        1.0,
+    )
+    .await;
+    wait_accepts(&live, 6).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_server_keeps_its_health_and_its_connections_across_a_reload() {
+    let certs = TestCerts::new();
+    let dead: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut a = upstream::MockUpstream::start().await;
+    let mut b = upstream::MockUpstream::start().await;
+    // Passive health only, so that nothing but real connections changes a server's state.
+    let settings = "balance = \"round_robin\"\nmax_connections_per_server = 1\n\
+                    health_interval = \"0s\"\nfall = 1\n";
+    let gateway = Process::gateway(&certs, &upstream_section(&[dead, a.addr], settings));
+    // Round-robin tries the dead server first: it falls, and the retry reaches A.
+    let mut held = Client::authed(gateway.addr, &certs).await;
+    let (mut conn_a, _) = next_relayed(&mut a).await;
+    let failed = "portcullis_upstream_errors_total{reason=\"connect_failed\"}";
+    let scrape = http_get(gateway.admin, "/metrics").unwrap().1;
+    assert_eq!(sample(&scrape, failed), 1.0);
+    assert_eq!(server_up(&scrape, dead), 0.0);
+
+    reload_with(
+        &gateway,
+        &certs,
+        &upstream_section(&[dead, a.addr, b.addr], settings),
+        "ok",
+        1.0,
+    )
+    .await;
+    let scrape = http_get(gateway.admin, "/metrics").unwrap().1;
+    assert_eq!(server_up(&scrape, dead), 0.0, "still down after the reload");
+    assert_eq!(server_up(&scrape, a.addr), 1.0);
+    // The dead server is not tried again, and A still holds its one connection of one.
+    let mut second = Client::authed(gateway.addr, &certs).await;
+    let (mut conn_b, _) = next_relayed(&mut b).await;
+    second.send_line("to b").await;
+    assert_eq!(conn_b.read_frame().await.unwrap(), b"to b");
+    let mut third = Client::connect(gateway.addr, &certs).await;
+    assert_eq!(
+        third.request_line(&format!("AUTH {ALICE_TOKEN}")).await,
+        "OK alice"
+    );
+    assert!(third
+        .read_line()
+        .await
+        .starts_with("ERR UPSTREAM_UNAVAILABLE"));
+    let scrape = http_get(gateway.admin, "/metrics").unwrap().1;
+    assert_eq!(
+        sample(&scrape, failed),
+        1.0,
+        "the dead server was not retried"
+    );
+    assert_eq!(
+        a.accepts(),
+        1,
+        "A's count survived: max_connections_per_server held"
+    );
+    conn_a.write_frame(b"a still relays").await;
+    assert_eq!(held.read_line().await, "a still relays");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_or_restart_only_upstream_change_keeps_the_running_servers() {
+    let certs = TestCerts::new();
+    let mut a = upstream::MockUpstream::start().await;
+    let passive = "health_interval = \"0s\"\n";
+    let gateway = Process::gateway(&certs, &upstream_section(&[a.addr], passive));
+    // A name that does not resolve fails the reload, as it fails a start.
+    reload_with(
+        &gateway,
+        &certs,
+        &format!("[upstream]\nservers = [\"no-such-host.invalid:7000\"]\n{passive}"),
+        "failed",
+        1.0,
+    )
+    .await;
+    let mut client = Client::authed(gateway.addr, &certs).await;
+    let (mut conn, _) = next_relayed(&mut a).await;
+    client.send_line("one").await;
+    assert_eq!(conn.read_frame().await.unwrap(), b"one");
+    drop((client, conn));
+
+    // Turning the upstream off, or changing its mode, needs a restart.
+    reload_with(
+        &gateway,
+        &certs,
+        &format!("[upstream]\nservers = []\nmode = \"stream\"\n{passive}"),
+        "ok",
+        1.0,
+    )
+    .await;
+    let mut client = Client::authed(gateway.addr, &certs).await;
+    let (mut conn, _) = next_relayed(&mut a).await;
+    client.send_line("two").await;
+    assert_eq!(
+        conn.read_frame().await.unwrap(),
+        b"two",
+        "still relayed to A, message by message"
+    );
+    let stderr = gateway.stderr();
+    assert!(
+        stderr.contains("need a restart")
+            && stderr.contains("upstream.mode")
+            && stderr.contains("turning the upstream on or off"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("no-such-host.invalid"),
+        "the failed reload names the server: {stderr}"
+    );
+}

@@ -446,7 +446,7 @@ pub enum SendProxy {
 /// Where one upstream server listens, as configured (`host:port` or `unix:/path`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ServerAddress {
-    /// A host name or IP address and a port, resolved at start.
+    /// A host name or IP address and a port, resolved at start and at each reload.
     Tcp { host: String, port: u16 },
     /// An absolute Unix socket path.
     Unix(PathBuf),
@@ -483,8 +483,9 @@ impl ServerAddress {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UpstreamSection {
-    /// The operator's own service: `host:port` (resolved at start) or `unix:/path`. Empty:
-    /// the built-in commands answer authenticated clients.
+    /// The operator's own service: `host:port` (resolved at start and at each reload) or
+    /// `unix:/path`. Empty: the built-in commands answer authenticated clients (turning it
+    /// on or off needs a restart; the list itself reloads).
     pub servers: Vec<String>,
     pub mode: UpstreamMode,
     pub balance: Balance,

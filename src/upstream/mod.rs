@@ -4,6 +4,12 @@
 //! is tracked ([`pool`], [`health`]), and [`Upstream::open`] connects an authenticated
 //! client to one of them, sending the PROXY v2 header ([`proxy_header`]) first. The
 //! connection is then relayed message by message ([`relay`]) or byte for byte ([`stream`]).
+//!
+//! A reload ([`Upstream::reconfigure`]) puts a new [`Generation`] in place: its servers
+//! (resolved again), balance, caps, timeouts and health settings serve the upstream
+//! connections opened from then on, while those already open keep their server and the
+//! settings they were opened under until they end. Whether the upstream serves at all and
+//! its `mode` are fixed at start: they decide what a client speaks on the wire.
 
 pub mod health;
 pub mod pool;
@@ -15,22 +21,25 @@ use std::net::ToSocketAddrs;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use tokio::net::{TcpStream, UnixStream};
 use tokio::time::Instant;
 use tokio_util::either::Either;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, SendProxy, ServerAddress, UpstreamMode};
 use crate::error::UpstreamError;
 use crate::metrics::{self, ConnectResult};
 pub use pool::Target;
-use pool::{Pool, PoolSettings, ServerSlot};
+use pool::{Pool, PoolSettings, Server};
 pub use proxy_header::ClientInfo;
 pub use relay::{Link, LinkEvent};
 
 /// A connection to an upstream server, over TCP or a Unix socket.
 pub type UpstreamStream = Either<TcpStream, UnixStream>;
 
-/// Why the upstream could not be set up at start.
+/// Why the upstream could not be set up (at start, or at a reload, which then changes
+/// nothing).
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamInitError {
     #[error("upstream.servers: {server:?} does not resolve: {source}")]
@@ -49,47 +58,86 @@ pub struct Unavailable;
 
 /// The upstream servers and how connections reach them.
 pub struct Upstream {
-    pool: Arc<Pool>,
+    /// Fixed at start: it decides what a client speaks once authenticated.
     mode: UpstreamMode,
+    /// The servers and settings of the configuration in force, swapped whole by a reload.
+    current: ArcSwap<Generation>,
+}
+
+/// `[upstream]` as one configuration has it. An upstream connection keeps the generation
+/// it was opened under (its server, its reply and buffer caps) until it ends.
+struct Generation {
+    pool: Arc<Pool>,
     connect_timeout: Duration,
     send_proxy: SendProxy,
     max_reply_bytes: usize,
     /// The cap on bytes queued towards the upstream (`limits.max_write_buffer_bytes`).
     out_cap: usize,
     health_interval: Duration,
+    /// Cancelled when a reload replaces this generation: its health checks end.
+    replaced: CancellationToken,
 }
 
-impl Upstream {
-    /// `None` when no server is configured: the built-in commands serve.
-    pub fn from_config(config: &Config) -> Result<Option<Upstream>, UpstreamInitError> {
-        let u = &config.upstream;
-        if u.servers.is_empty() {
-            return Ok(None);
-        }
-        let servers = u
-            .servers
-            .iter()
+/// The configured servers, each with where it resolved to: what a reload checks before it
+/// changes anything.
+pub struct Resolved(Vec<(String, Target)>);
+
+impl Resolved {
+    /// Resolves every server of `config` (names through the system resolver, as at start).
+    pub fn from_config(config: &Config) -> Result<Resolved, UpstreamInitError> {
+        let servers = config.upstream.servers.iter();
+        servers
             .map(|server| Ok((server.clone(), resolve(server)?)))
-            .collect::<Result<Vec<_>, UpstreamInitError>>()?;
-        let pool = Pool::new(
-            servers,
-            PoolSettings {
-                balance: u.balance,
-                max_per_server: u.max_connections_per_server,
-                rise: u.rise,
-                fall: u.fall,
-                passive_only: u.health_interval.is_zero(),
-            },
-        );
-        Ok(Some(Upstream {
+            .collect::<Result<_, _>>()
+            .map(Resolved)
+    }
+}
+
+impl Generation {
+    fn new(config: &Config, servers: Resolved, previous: Option<&Generation>) -> Generation {
+        let u = &config.upstream;
+        let settings = PoolSettings {
+            balance: u.balance,
+            max_per_server: u.max_connections_per_server,
+            rise: u.rise,
+            fall: u.fall,
+            passive_only: u.health_interval.is_zero(),
+        };
+        let pool = Pool::new(servers.0, settings, previous.map(|p| &*p.pool));
+        Generation {
             pool: Arc::new(pool),
-            mode: u.mode,
             connect_timeout: u.connect_timeout,
             send_proxy: u.send_proxy,
             max_reply_bytes: u.max_reply_bytes,
             out_cap: config.limits.max_write_buffer_bytes,
             health_interval: u.health_interval,
+            replaced: CancellationToken::new(),
+        }
+    }
+}
+
+impl Upstream {
+    /// `None` when no server is configured: the built-in commands serve.
+    pub fn from_config(config: &Config) -> Result<Option<Upstream>, UpstreamInitError> {
+        if config.upstream.servers.is_empty() {
+            return Ok(None);
+        }
+        let generation = Generation::new(config, Resolved::from_config(config)?, None);
+        Ok(Some(Upstream {
+            mode: config.upstream.mode,
+            current: ArcSwap::from_pointee(generation),
         }))
+    }
+
+    /// Puts `config`'s `[upstream]` in place for the upstream connections opened from now
+    /// on (see [`pool`] for what a kept server keeps), and replaces the health checks. The
+    /// caller has kept `mode` and whether any server is configured as they were.
+    pub fn reconfigure(&self, config: &Config, servers: Resolved) {
+        let previous = self.current.load_full();
+        let next = Generation::new(config, servers, Some(&previous));
+        tracing::info!(servers = ?config.upstream.servers, "upstream servers for new connections");
+        self.current.store(Arc::new(next));
+        previous.replaced.cancel();
     }
 
     pub fn mode(&self) -> UpstreamMode {
@@ -98,13 +146,15 @@ impl Upstream {
 
     /// True while at least one server is up (`/readyz`).
     pub fn any_up(&self) -> bool {
-        self.pool.any_up()
+        self.current.load().pool.any_up()
     }
 
     /// Connects `client` to a server chosen by `balance`, retrying once on another; the
     /// PROXY header is queued first. Every failure is counted and marks its server.
     pub async fn open(&self, client: &ClientInfo) -> Result<Link, Unavailable> {
-        let header = match self.send_proxy {
+        // Both attempts, and the connection's whole life, under the settings in force now.
+        let generation = self.current.load_full();
+        let header = match generation.send_proxy {
             SendProxy::V2 => proxy_header::proxy_v2(client).map_err(|e| {
                 tracing::warn!(error = %e, "PROXY header does not fit; not connecting");
                 Unavailable
@@ -113,16 +163,16 @@ impl Upstream {
         };
         let mut tried = None;
         for _ in 0..2 {
-            let Some(slot) = self.pool.pick(tried) else {
+            let Some(slot) = generation.pool.pick(tried) else {
                 break;
             };
             tried = Some(slot.index());
-            if let Some(io) = self.connect(&slot).await {
+            if let Some(io) = generation.connect(slot.server()).await {
                 return Ok(Link::new(
                     io,
                     header,
-                    self.out_cap,
-                    self.max_reply_bytes,
+                    generation.out_cap,
+                    generation.max_reply_bytes,
                     slot,
                 ));
             }
@@ -130,18 +180,18 @@ impl Upstream {
         metrics::upstream_error(UpstreamError::Unavailable);
         Err(Unavailable)
     }
+}
 
+impl Generation {
     /// One connect under `connect_timeout`: timed, counted, and recorded as a check.
-    async fn connect(&self, slot: &ServerSlot) -> Option<UpstreamStream> {
-        let index = slot.index();
-        let result = self.connect_to(index).await;
-        self.pool.record(index, result.is_ok());
+    async fn connect(&self, server: &Server) -> Option<UpstreamStream> {
+        let result = self.connect_to(&server.target).await;
+        self.pool.record(server, result.is_ok());
         result.ok()
     }
 
-    async fn connect_to(&self, index: usize) -> Result<UpstreamStream, ConnectResult> {
+    async fn connect_to(&self, target: &Target) -> Result<UpstreamStream, ConnectResult> {
         let started = Instant::now();
-        let target = &self.pool.servers[index].target;
         let result = tokio::time::timeout(self.connect_timeout, connect_target(target)).await;
         let outcome = match result {
             Ok(Ok(io)) => Ok(io),
@@ -174,7 +224,7 @@ async fn connect_target(target: &Target) -> std::io::Result<UpstreamStream> {
     })
 }
 
-/// Resolves a configured server address (once, at start).
+/// Resolves a configured server address (at start and at each reload).
 fn resolve(server: &str) -> Result<Target, UpstreamInitError> {
     match ServerAddress::parse(server).map_err(UpstreamInitError::Invalid)? {
         ServerAddress::Unix(path) => Ok(Target::Unix(path)),

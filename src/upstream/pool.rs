@@ -1,5 +1,12 @@
 //! The configured servers, their health (rise/fall) and the choice of a server by
 //! `balance` among those up.
+//!
+//! A reload builds a new [`Pool`] from the new `[upstream]`; a server the old pool also had
+//! (the same configured address, resolved to the same place) is carried over as the same
+//! [`Server`], with its up/down state and its count of open connections, so that a reload
+//! neither resets health nor lets `max_connections_per_server` be passed. A server the new
+//! pool drops is retired: its open connections go on (their [`ServerSlot`] holds it), but it
+//! is never chosen again, its checks stop, and its `up` gauge reads 0.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -22,8 +29,12 @@ pub enum Target {
     Unix(PathBuf),
 }
 
-/// One configured server.
+/// One configured server, shared by every pool that lists it and by the connections open
+/// to it.
 pub(super) struct Server {
+    /// The address as configured: the `server` label of its gauge, and (with `target`)
+    /// what a reload recognises it by.
+    label: String,
     pub(super) target: Target,
     /// Relayed connections open to it, for `least_conn` and `max_connections_per_server`.
     active: AtomicUsize,
@@ -42,11 +53,47 @@ struct Health {
     failures: u32,
     /// Passive mode: when a down server may be tried again.
     retry_at: Instant,
+    /// A reload removed it: what its last connects and checks find no longer counts (nor
+    /// shows in the gauge, which a server of the same address may own now).
+    retired: bool,
+}
+
+impl Server {
+    /// A server starts up, so that the first clients are served while the first checks run.
+    fn new(label: String, target: Target) -> Server {
+        let up_gauge = crate::metrics::upstream_server_gauge(&label);
+        up_gauge.set(1.0);
+        Server {
+            label,
+            target,
+            active: AtomicUsize::new(0),
+            health: Mutex::new(Health {
+                up: true,
+                successes: 0,
+                failures: 0,
+                retry_at: Instant::now(),
+                retired: false,
+            }),
+            up_gauge,
+        }
+    }
+
+    fn is_up(&self) -> bool {
+        self.health.lock().map(|h| h.up).unwrap_or(false)
+    }
+
+    /// Taken out of service by a reload: never chosen again, its gauge reads 0.
+    fn retire(&self) {
+        let mut health = self.health.lock().unwrap_or_else(|e| e.into_inner());
+        health.retired = true;
+        health.up = false;
+        self.up_gauge.set(0.0);
+    }
 }
 
 /// The servers and the settings that choose among them.
 pub(super) struct Pool {
-    pub(super) servers: Vec<Server>,
+    pub(super) servers: Vec<Arc<Server>>,
     balance: Balance,
     max_per_server: usize,
     rise: u32,
@@ -66,17 +113,17 @@ pub(super) struct PoolSettings {
     pub passive_only: bool,
 }
 
-/// A place on one server, held for the life of a relayed connection.
+/// A place on one server, held for the life of a relayed connection, whatever reloads
+/// happen meanwhile.
 pub struct ServerSlot {
-    pool: Arc<Pool>,
+    server: Arc<Server>,
+    /// The server's place in the pool it was chosen from (to retry on another one).
     index: usize,
 }
 
 impl Drop for ServerSlot {
     fn drop(&mut self) {
-        self.pool.servers[self.index]
-            .active
-            .fetch_sub(1, Ordering::Relaxed);
+        self.server.active.fetch_sub(1, Ordering::Relaxed);
         crate::metrics::upstream_connections(-1.0);
     }
 }
@@ -85,28 +132,37 @@ impl ServerSlot {
     pub(super) fn index(&self) -> usize {
         self.index
     }
+
+    pub(super) fn server(&self) -> &Server {
+        &self.server
+    }
 }
 
 impl Pool {
-    /// Servers start up, so that the first clients are served while the first checks run.
-    pub(super) fn new(servers: Vec<(String, Target)>, settings: PoolSettings) -> Pool {
-        let now = Instant::now();
+    /// The pool of `servers` (configured address, resolved target). Those `previous` also
+    /// had are carried over with their health and open connections; the rest of
+    /// `previous` is retired first, so that a server re-created under the same address
+    /// owns its gauge from then on.
+    pub(super) fn new(
+        servers: Vec<(String, Target)>,
+        settings: PoolSettings,
+        previous: Option<&Pool>,
+    ) -> Pool {
+        let old = previous.map_or(&[][..], |p| p.servers.as_slice());
+        let same =
+            |s: &Server, label: &str, target: &Target| s.label == label && s.target == *target;
+        for server in old {
+            if !servers.iter().any(|(l, t)| same(server, l, t)) {
+                server.retire();
+            }
+        }
         let servers = servers
             .into_iter()
             .map(|(label, target)| {
-                let up_gauge = crate::metrics::upstream_server_gauge(&label);
-                up_gauge.set(1.0);
-                Server {
-                    target,
-                    active: AtomicUsize::new(0),
-                    health: Mutex::new(Health {
-                        up: true,
-                        successes: 0,
-                        failures: 0,
-                        retry_at: now,
-                    }),
-                    up_gauge,
-                }
+                old.iter()
+                    .find(|s| same(s, &label, &target))
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(Server::new(label, target)))
             })
             .collect();
         Pool {
@@ -121,20 +177,16 @@ impl Pool {
     }
 
     pub(super) fn any_up(&self) -> bool {
-        self.servers.iter().any(|s| self.is_up(s))
-    }
-
-    fn is_up(&self, server: &Server) -> bool {
-        server.health.lock().map(|h| h.up).unwrap_or(false)
+        self.servers.iter().any(|s| s.is_up())
     }
 
     /// Chooses a server other than `exclude`: by `balance` among those up with room, else
     /// (passive mode) a down server whose retry time has come. Its slot is taken.
-    pub(super) fn pick(self: &Arc<Self>, exclude: Option<usize>) -> Option<ServerSlot> {
+    pub(super) fn pick(&self, exclude: Option<usize>) -> Option<ServerSlot> {
         self.pick_at(exclude, Instant::now())
     }
 
-    fn pick_at(self: &Arc<Self>, exclude: Option<usize>, now: Instant) -> Option<ServerSlot> {
+    fn pick_at(&self, exclude: Option<usize>, now: Instant) -> Option<ServerSlot> {
         let n = self.servers.len();
         // A retry goes on from where its connection's first pick left the cursor, so that
         // each connection advances round-robin by one whether or not it needed a retry.
@@ -145,10 +197,7 @@ impl Pool {
         let order = (0..n)
             .map(|k| (start + k) % n)
             .filter(|&i| Some(i) != exclude);
-        let up: Vec<usize> = order
-            .clone()
-            .filter(|&i| self.is_up(&self.servers[i]))
-            .collect();
+        let up: Vec<usize> = order.clone().filter(|&i| self.servers[i].is_up()).collect();
         let chosen = match self.balance {
             Balance::RoundRobin => up.iter().copied().find(|&i| self.has_room(i)),
             Balance::LeastConn => up
@@ -163,7 +212,8 @@ impl Pool {
         })?;
         // Chosen by a plain read: the place is taken only if it is still free now, so that
         // connections picking at the same moment never pass `max_connections_per_server`.
-        self.servers[chosen]
+        let server = &self.servers[chosen];
+        server
             .active
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < self.max_per_server).then_some(n + 1)
@@ -171,7 +221,7 @@ impl Pool {
             .ok()?;
         crate::metrics::upstream_connections(1.0);
         Some(ServerSlot {
-            pool: self.clone(),
+            server: server.clone(),
             index: chosen,
         })
     }
@@ -186,20 +236,23 @@ impl Pool {
         let Ok(mut health) = self.servers[i].health.lock() else {
             return false;
         };
-        if health.up || now < health.retry_at {
+        if health.up || health.retired || now < health.retry_at {
             return false;
         }
         health.retry_at = now + PASSIVE_RETRY;
         true
     }
 
-    /// Records the result of a check or a connect on server `i`; `rise` consecutive
-    /// successes mark it up, `fall` consecutive failures down.
-    pub(super) fn record(&self, i: usize, ok: bool) {
-        let server = &self.servers[i];
+    /// Records the result of a check or a connect on `server`; `rise` consecutive
+    /// successes mark it up, `fall` consecutive failures down. A retired server's results
+    /// no longer count.
+    pub(super) fn record(&self, server: &Server, ok: bool) {
         let Ok(mut health) = server.health.lock() else {
             return;
         };
+        if health.retired {
+            return;
+        }
         let was_up = health.up;
         if ok {
             health.failures = 0;
@@ -248,6 +301,7 @@ mod tests {
                 fall: 3,
                 passive_only,
             },
+            None,
         ))
     }
 
@@ -278,19 +332,19 @@ mod tests {
     #[test]
     fn fall_marks_down_rise_marks_up() {
         let p = pool(2, Balance::RoundRobin, false);
-        p.record(0, false);
-        p.record(0, false);
-        assert!(p.is_up(&p.servers[0]));
-        p.record(0, false);
-        assert!(!p.is_up(&p.servers[0]));
+        p.record(&p.servers[0], false);
+        p.record(&p.servers[0], false);
+        assert!(p.servers[0].is_up());
+        p.record(&p.servers[0], false);
+        assert!(!p.servers[0].is_up());
         for _ in 0..4 {
             assert_eq!(p.pick(None).unwrap().index(), 1, "a down server is skipped");
         }
         assert!(p.pick(Some(1)).is_none(), "no retry on a down server");
-        p.record(0, true);
-        assert!(!p.is_up(&p.servers[0]));
-        p.record(0, true);
-        assert!(p.is_up(&p.servers[0]));
+        p.record(&p.servers[0], true);
+        assert!(!p.servers[0].is_up());
+        p.record(&p.servers[0], true);
+        assert!(p.servers[0].is_up());
         assert!(p.any_up());
     }
 
@@ -298,7 +352,7 @@ mod tests {
     fn passive_mode_retries_a_down_server_once_per_period() {
         let p = pool(1, Balance::RoundRobin, true);
         for _ in 0..3 {
-            p.record(0, false);
+            p.record(&p.servers[0], false);
         }
         assert!(!p.any_up());
         assert!(p.pick(None).is_none(), "not before PASSIVE_RETRY");
@@ -307,11 +361,77 @@ mod tests {
         assert!(p.pick_at(None, later).is_none(), "only one per period");
         let active = pool(1, Balance::RoundRobin, false);
         for _ in 0..3 {
-            active.record(0, false);
+            active.record(&active.servers[0], false);
         }
         assert!(
             active.pick_at(None, later).is_none(),
             "active checks bring it back"
         );
+    }
+
+    fn settings(max_per_server: usize, fall: u32) -> PoolSettings {
+        PoolSettings {
+            balance: Balance::LeastConn,
+            max_per_server,
+            rise: 2,
+            fall,
+            passive_only: false,
+        }
+    }
+
+    fn tcp(port: u16) -> (String, Target) {
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        (addr.to_string(), Target::Tcp(addr))
+    }
+
+    #[test]
+    fn a_reload_keeps_a_kept_servers_health_and_connections_and_retires_the_rest() {
+        let old = Pool::new(vec![tcp(7000), tcp(7001)], settings(1, 1), None);
+        let held = old.pick(None).unwrap();
+        let kept = held.index();
+        let gone = 1 - kept;
+        old.record(&old.servers[kept], false);
+        assert!(!old.servers[kept].is_up());
+        old.record(&old.servers[kept], true);
+        let removed = old.servers[gone].clone();
+        let servers = vec![
+            (
+                old.servers[kept].label.clone(),
+                old.servers[kept].target.clone(),
+            ),
+            tcp(7002),
+        ];
+        let new = Pool::new(servers, settings(1, 5), Some(&old));
+        assert!(Arc::ptr_eq(&new.servers[0], &old.servers[kept]));
+        assert!(!new.servers[0].is_up(), "still down: one success of rise 2");
+        new.record(&new.servers[0], true);
+        assert!(new.servers[0].is_up(), "its success count survived too");
+        assert!(new.servers[1].is_up(), "a new server starts up");
+        assert!(removed.health.lock().unwrap().retired);
+        old.record(&removed, true);
+        assert!(
+            !removed.is_up(),
+            "a retired server's results no longer count"
+        );
+        // The kept server's open connection still counts against the new cap.
+        let other = new.pick(None).unwrap();
+        assert_eq!(other.index(), 1);
+        assert!(
+            new.pick(None).is_none(),
+            "both at max_connections_per_server"
+        );
+        drop(held);
+        assert_eq!(new.servers[0].active.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn the_same_address_resolved_elsewhere_is_a_new_server() {
+        let old = Pool::new(vec![tcp(7000)], settings(1, 1), None);
+        old.record(&old.servers[0], false);
+        let label = old.servers[0].label.clone();
+        let elsewhere = Target::Tcp("127.0.0.2:7000".parse().unwrap());
+        let new = Pool::new(vec![(label, elsewhere)], settings(1, 1), Some(&old));
+        assert!(!Arc::ptr_eq(&new.servers[0], &old.servers[0]));
+        assert!(new.servers[0].is_up());
     }
 }
