@@ -3,16 +3,15 @@
 //! with `<identity>: <payload>`.
 //!
 //!     cargo run --example upstream_echo -- 127.0.0.1:7000
+//!     cargo run --example upstream_echo -- unix:/run/app.sock   # servers = ["unix:/run/app.sock"]
 //!
 //! What it receives, per connection: the PROXY v2 header (source = the client's address,
 //! TLVs 0xE0 identity, 0xE1 method, 0xE2 framing, 0x20 SSL...), then frames, each a `u32`
 //! big-endian length and that many bytes. What it sends back: frames in the same format.
 //! Health checks arrive as a LOCAL header and an immediate close.
 
-use std::net::SocketAddr;
-
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, UnixListener};
 
 /// The v2 signature, the first 12 bytes of every PROXY v2 header.
 const SIGNATURE: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
@@ -22,16 +21,20 @@ const MAX_FRAME: usize = 1 << 20;
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
     let addr = std::env::args().nth(1).unwrap_or("127.0.0.1:7000".into());
+    if let Some(path) = addr.strip_prefix("unix:") {
+        let listener = UnixListener::bind(path)?;
+        println!("upstream_echo listening on unix:{path}");
+        loop {
+            let (stream, _) = listener.accept().await?;
+            tokio::spawn(serve(stream, format!("unix:{path}")));
+        }
+    }
     let listener = TcpListener::bind(&addr).await?;
     // Tests start it on port 0 and read the address from this line.
     println!("upstream_echo listening on {}", listener.local_addr()?);
     loop {
         let (stream, peer) = listener.accept().await?;
-        tokio::spawn(async move {
-            if let Err(e) = serve(stream, peer).await {
-                eprintln!("{peer}: {e}");
-            }
-        });
+        tokio::spawn(serve(stream, peer.to_string()));
     }
 }
 
@@ -43,15 +46,25 @@ struct Client {
     framing: String,
 }
 
-async fn serve(mut stream: TcpStream, peer: SocketAddr) -> std::io::Result<()> {
-    let Some(client) = read_header(&mut stream).await? else {
+/// Serves one connection from the gateway (`peer`: where it came from, for the log).
+async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, peer: String) {
+    if let Err(e) = relay(&mut stream, &peer).await {
+        eprintln!("{peer}: {e}");
+    }
+}
+
+async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    peer: &str,
+) -> std::io::Result<()> {
+    let Some(client) = read_header(stream).await? else {
         return Ok(()); // a health check (LOCAL): nothing follows
     };
     println!(
         "client {} identity={} method={} framing={} (via {peer})",
         client.source, client.identity, client.method, client.framing
     );
-    while let Some(payload) = read_frame(&mut stream).await? {
+    while let Some(payload) = read_frame(stream).await? {
         let mut reply = format!("{}: ", client.identity).into_bytes();
         reply.extend_from_slice(&payload);
         stream
@@ -63,7 +76,7 @@ async fn serve(mut stream: TcpStream, peer: SocketAddr) -> std::io::Result<()> {
 }
 
 /// Reads the PROXY v2 header; `None` for a LOCAL one.
-async fn read_header(stream: &mut TcpStream) -> std::io::Result<Option<Client>> {
+async fn read_header<R: AsyncRead + Unpin>(stream: &mut R) -> std::io::Result<Option<Client>> {
     let mut header = vec![0u8; 16];
     stream.read_exact(&mut header).await?;
     if &header[..12] != SIGNATURE {

@@ -563,30 +563,58 @@ async fn balance_spreads_connections_as_named() {
     assert_eq!(after_third, expected, "the server the first one left");
 }
 
+/// `examples/upstream_echo` running on `listen`, its stdout lines on a channel.
+struct Echo {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Echo {
+    /// Starts it and returns it with the address its first line names.
+    fn start(listen: &str) -> (Echo, String) {
+        let exe = example_binary("upstream_echo");
+        let mut child = std::process::Command::new(exe)
+            .arg(listen)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start upstream_echo");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let _ = tx.send(line);
+            }
+        });
+        let first = lines
+            .recv_timeout(Duration::from_secs(10))
+            .expect("listening line");
+        let addr = first.rsplit(' ').next().unwrap().to_string();
+        (Echo { child, lines }, addr)
+    }
+
+    /// The next line it logs (fails after 5 s).
+    fn next_line(&self) -> String {
+        self.lines
+            .recv_timeout(Duration::from_secs(5))
+            .expect("a line from upstream_echo")
+    }
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 #[tokio::test]
 async fn the_example_upstream_sees_the_identity_and_answers_each_frame() {
-    let exe = example_binary("upstream_echo");
-    let mut echo = std::process::Command::new(exe)
-        .arg("127.0.0.1:0")
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("start upstream_echo");
-    let stdout = echo.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
-    let first = rx
-        .recv_timeout(Duration::from_secs(10))
-        .expect("listening line");
-    let addr: SocketAddr = first.rsplit(' ').next().unwrap().parse().unwrap();
-
+    let (echo, addr) = Echo::start("127.0.0.1:0");
+    let addr: SocketAddr = addr.parse().unwrap();
     let certs = TestCerts::new();
     let gateway = Process::gateway(&certs, &upstream_config(&[addr], ""));
     let mut client = Client::authed(gateway.addr, &certs).await;
@@ -595,9 +623,7 @@ async fn the_example_upstream_sees_the_identity_and_answers_each_frame() {
         client.request_line("ECHO two words").await,
         "alice: ECHO two words"
     );
-    let logged = rx
-        .recv_timeout(Duration::from_secs(5))
-        .expect("client line");
+    let logged = echo.next_line();
     let me = client_addr(&client);
     assert!(
         logged.starts_with(&format!(
@@ -612,8 +638,40 @@ async fn the_example_upstream_sees_the_identity_and_answers_each_frame() {
         cert_client.request_frame(b"\0hi").await,
         b"dev-client: \0hi"
     );
-    let _ = echo.kill();
-    let _ = echo.wait();
+}
+
+#[tokio::test]
+async fn a_unix_socket_upstream_relays_checks_and_is_told_the_clients_tcp_addresses() {
+    let certs = TestCerts::new();
+    let socket = certs.dir.path().join("echo.sock");
+    let server = format!("unix:{}", socket.display());
+    let (echo, listening) = Echo::start(&server);
+    assert_eq!(listening, server);
+    let config = format!(
+        "[upstream]\nservers = [\"{server}\"]\nhealth_interval = \"100ms\"\n\
+         connect_timeout = \"500ms\"\nrise = 1\nfall = 2\n"
+    );
+    let gateway = Process::gateway(&certs, &config);
+    let mut client = Client::authed(gateway.addr, &certs).await;
+    assert_eq!(
+        client.request_line("over a unix socket").await,
+        "alice: over a unix socket"
+    );
+    // The PROXY v2 header still names the client's TCP address, not the Unix socket's.
+    let me = client_addr(&client);
+    let logged = echo.next_line();
+    assert!(
+        logged.starts_with(&format!(
+            "client {me} identity=alice method=token framing=text (via {server})"
+        )),
+        "{logged}"
+    );
+    let up = format!("portcullis_upstream_server_up{{server=\"{server}\"}}");
+    assert_eq!(sample(&scrape(&gateway), &up), 1.0);
+    // Health checks reach the socket too: when the service goes, the server falls.
+    drop(echo);
+    wait_ready(&gateway, 503).await;
+    assert_eq!(sample(&scrape(&gateway), &up), 0.0);
 }
 
 /// `len` pseudo-random bytes (every byte value occurs).
