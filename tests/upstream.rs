@@ -948,3 +948,93 @@ async fn stream_mode_closes_only_when_both_directions_are_idle() {
         1.0
     );
 }
+
+/// A loopback listener whose accept queue is full and never drained: the kernel drops the
+/// SYNs of a further connect, which then neither completes nor fails until its connector
+/// gives up.
+struct Blackhole {
+    addr: SocketAddr,
+    _listener: socket2::Socket,
+    /// The connections that fill the queue.
+    _queued: Vec<std::net::TcpStream>,
+}
+
+impl Blackhole {
+    fn new() -> Blackhole {
+        use socket2::{Domain, Socket, Type};
+        let listener = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        listener.bind(&any.into()).unwrap();
+        listener.listen(0).unwrap();
+        let addr = listener.local_addr().unwrap().as_socket().unwrap();
+        let mut queued = Vec::new();
+        for _ in 0..16 {
+            match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)) {
+                Ok(stream) => queued.push(stream),
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                    return Blackhole {
+                        addr,
+                        _listener: listener,
+                        _queued: queued,
+                    }
+                }
+                Err(e) => panic!("filling the accept queue: {e}"),
+            }
+        }
+        panic!("the accept queue never filled");
+    }
+}
+
+#[tokio::test]
+async fn a_connect_that_never_completes_times_out_then_is_retried_once() {
+    let certs = TestCerts::new();
+    let (one, two) = (Blackhole::new(), Blackhole::new());
+    let extra = "connect_timeout = \"500ms\"\n";
+    let gateway = Process::gateway(&certs, &upstream_config(&[one.addr, two.addr], extra));
+    let mut client = Client::connect(gateway.addr, &certs).await;
+    let started = std::time::Instant::now();
+    assert_eq!(
+        client.request_line(&format!("AUTH {ALICE_TOKEN}")).await,
+        "OK alice"
+    );
+    let reply = client.read_line().await;
+    let waited = started.elapsed();
+    assert!(reply.starts_with("ERR UPSTREAM_UNAVAILABLE"), "{reply}");
+    // Two attempts, one per server, each ended by connect_timeout.
+    assert!(
+        waited >= Duration::from_millis(950) && waited < Duration::from_secs(4),
+        "answered after {waited:?}"
+    );
+    client.expect_closed().await;
+    let metrics = scrape(&gateway);
+    for (series, value) in [
+        (
+            "portcullis_upstream_errors_total{reason=\"connect_timeout\"}",
+            2.0,
+        ),
+        (
+            "portcullis_upstream_connect_duration_seconds_count{result=\"timeout\"}",
+            2.0,
+        ),
+        (
+            "portcullis_upstream_errors_total{reason=\"unavailable\"}",
+            1.0,
+        ),
+        (
+            "portcullis_upstream_errors_total{reason=\"connect_failed\"}",
+            0.0,
+        ),
+        (
+            "portcullis_upstream_connect_duration_seconds_count{result=\"failed\"}",
+            0.0,
+        ),
+    ] {
+        assert_eq!(sample(&metrics, series), value, "{series}");
+    }
+    // Each timed-out attempt took connect_timeout: the histogram's sum says so too.
+    let sum = sample(
+        &metrics,
+        "portcullis_upstream_connect_duration_seconds_sum{result=\"timeout\"}",
+    );
+    assert!((0.95..2.0).contains(&sum), "timeout durations sum to {sum}");
+}
