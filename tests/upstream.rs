@@ -1038,3 +1038,32 @@ async fn a_connect_that_never_completes_times_out_then_is_retried_once() {
     );
     assert!((0.95..2.0).contains(&sum), "timeout durations sum to {sum}");
 }
+
+#[tokio::test]
+async fn with_forced_framing_an_mtls_client_is_connected_right_after_its_handshake() {
+    let certs = TestCerts::new();
+    let mut upstream = MockUpstream::start().await;
+    let forced = "[protocol]\nframing = \"binary\"\n";
+    let gateway = Process::gateway(&certs, &upstream_config(&[upstream.addr], forced));
+    let mut client = Client::connect_with(gateway.addr, &certs, mtls(&certs))
+        .await
+        .unwrap();
+    // The client has sent nothing but its handshake: the upstream hears of it all the same.
+    let mut conn = upstream.next().await;
+    let header = conn.read_header().await;
+    assert!(!header.local);
+    assert_eq!(header.source, Some(client_addr(&client)));
+    assert_eq!(header.destination, Some(gateway.addr));
+    assert_eq!(header.tlv_str(0xE0), "dev-client");
+    assert_eq!(header.tlv_str(0xE1), "mtls");
+    assert_eq!(header.tlv_str(0xE2), "binary");
+    let (flags, subs) = header.ssl();
+    assert_eq!(flags, 0x03, "PP2_CLIENT_SSL | PP2_CLIENT_CERT_CONN");
+    assert!(subs.contains(&(0x22, "dev-client".to_string())), "{subs:?}");
+    // The service may speak first; then messages flow both ways.
+    conn.write_frame(b"welcome").await;
+    assert_eq!(client.read_frame().await, b"welcome");
+    client.send_frame(b"first").await;
+    assert_eq!(conn.read_frame().await.unwrap(), b"first");
+    assert_eq!(upstream.accepts(), 1);
+}
