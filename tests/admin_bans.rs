@@ -5,53 +5,8 @@
 
 mod support;
 
-use std::net::SocketAddr;
-
-use portcullis::auth::token_digest_hex;
+use support::admin_api::*;
 use support::*;
-
-const ADMIN_TOKEN: &str = "operator-secret";
-/// Where curl connects from, so the log line can be checked to name it.
-const CURL_SOURCE: &str = "127.0.0.30";
-
-fn admin_section(max_bans: usize) -> String {
-    format!(
-        "[admin]\ntoken_sha256 = \"{}\"\nmax_bans = {max_bans}\n",
-        token_digest_hex(ADMIN_TOKEN)
-    )
-}
-
-/// Runs curl against the admin listener; returns the status and the body.
-async fn curl(admin: SocketAddr, path: &str, args: &[&str]) -> (u16, String) {
-    let url = format!("http://{admin}{path}");
-    let mut command = std::process::Command::new("curl");
-    command
-        .args(["-sS", "--max-time", "5", "--interface", CURL_SOURCE])
-        .args(["-w", "\n%{http_code}"])
-        .args(args)
-        .arg(url);
-    let output = tokio::task::spawn_blocking(move || command.output())
-        .await
-        .unwrap()
-        .expect("curl runs (apt-get install curl)");
-    let text = String::from_utf8_lossy(&output.stdout).into_owned();
-    let (body, status) = text.rsplit_once('\n').unwrap_or(("", &text));
-    (status.trim().parse().unwrap_or(0), body.to_string())
-}
-
-fn bearer(token: &str) -> String {
-    format!("Authorization: Bearer {token}")
-}
-
-async fn post_ban(admin: SocketAddr, body: &str) -> (u16, String) {
-    let auth = bearer(ADMIN_TOKEN);
-    curl(
-        admin,
-        "/bans",
-        &["-X", "POST", "-H", &auth, "--data-binary", body],
-    )
-    .await
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_endpoints_need_a_configured_token_and_the_right_bearer() {

@@ -2,6 +2,7 @@
 //! a tokio-rustls client that speaks both framings.
 #![allow(dead_code)] // each test binary uses a different part of this module
 
+pub mod admin_api;
 pub mod redis_server;
 
 use std::net::{IpAddr, SocketAddr};
