@@ -6,7 +6,9 @@
 //! reload turns them on or off), and only to a request carrying `Authorization: Bearer
 //! <token>` whose SHA-256 matches, compared in constant time (401 otherwise). A ban refuses
 //! new connections from its network and closes the open ones (`reason="banned"`); every
-//! write is logged with its source address. Bounded: at most `admin.max_bans` bans, request
+//! write is logged with its source address. In cluster mode a change holds here at once and
+//! is shared with every replica (see [`crate::cluster::admin`]); the response and the log
+//! line say whether Redis confirmed it. Bounded: at most `admin.max_bans` bans, request
 //! bodies of at most [`MAX_BODY_BYTES`], listings of at most [`MAX_LISTED`] bans.
 
 use std::net::{IpAddr, SocketAddr};
@@ -24,6 +26,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use crate::admission::AdminRefusal;
+use crate::cluster::admin::Sharing;
 use crate::config::MAX_DURATION;
 use crate::gateway::Gateway;
 
@@ -93,12 +97,22 @@ async fn add(
         Err(message) => return text(StatusCode::BAD_REQUEST, message),
     };
     let max = gateway.config().admin.max_bans;
-    if let Err(full) = gateway.admission.ban_network(net, duration, max) {
-        return text(StatusCode::INSUFFICIENT_STORAGE, full.to_string());
-    }
+    let ticket = match gateway.admission.ban_network(net, duration, max) {
+        Ok(ticket) => ticket,
+        Err(refusal) => return refused(&refusal),
+    };
     gateway.rules_changed.notify();
-    tracing::info!(%source, %net, duration = %humantime::format_duration(duration), "admin API: ban added; open connections from it are closed");
-    text(StatusCode::CREATED, format!("banned {net}"))
+    let sharing = ticket.outcome().await;
+    let duration = humantime::format_duration(duration);
+    if sharing == Sharing::Refused {
+        tracing::warn!(%source, %net, %duration, "admin API: ban refused by the cluster (admin.max_bans)");
+        return text(StatusCode::INSUFFICIENT_STORAGE, sharing.describe());
+    }
+    tracing::info!(%source, %net, %duration, cluster = sharing.describe(), "admin API: ban added; open connections from it are closed");
+    text(
+        StatusCode::CREATED,
+        format!("banned {net}{}", said(sharing)),
+    )
 }
 
 async fn lift(
@@ -110,22 +124,42 @@ async fn lift(
     if let Err(refusal) = authorize(&gateway, &headers) {
         return refusal.into_response();
     }
+    let max = gateway.config().admin.max_bans;
     let lifted = if key.contains('/') {
         match key.parse::<IpNet>() {
-            Ok(net) => gateway.admission.lift_network_ban(net),
+            Ok(net) => gateway.admission.lift_network_ban(net, max),
             Err(_) => return text(StatusCode::BAD_REQUEST, "not a CIDR or an address"),
         }
     } else {
         match key.parse::<IpAddr>() {
-            Ok(ip) => gateway.admission.lift_address_ban(ip),
+            Ok(ip) => gateway.admission.lift_address_ban(ip, max),
             Err(_) => return text(StatusCode::BAD_REQUEST, "not a CIDR or an address"),
         }
     };
-    if !lifted {
-        return text(StatusCode::NOT_FOUND, "no such ban");
+    let ticket = match lifted {
+        Ok(ticket) => ticket,
+        Err(refusal) => return refused(&refusal),
+    };
+    let sharing = ticket.outcome().await;
+    tracing::info!(%source, key = %key, cluster = sharing.describe(), "admin API: ban lifted");
+    text(StatusCode::OK, format!("lifted {key}{}", said(sharing)))
+}
+
+/// The answer to a change that was not made.
+fn refused(refusal: &AdminRefusal) -> Response {
+    let status = match refusal {
+        AdminRefusal::NoSuchBan => StatusCode::NOT_FOUND,
+        AdminRefusal::Full(_) | AdminRefusal::Backlog(_) => StatusCode::INSUFFICIENT_STORAGE,
+    };
+    text(status, refusal.to_string())
+}
+
+/// What the response adds about the cluster: nothing standalone.
+fn said(sharing: Sharing) -> String {
+    match sharing {
+        Sharing::Standalone => String::new(),
+        other => format!(" ({})", other.describe()),
     }
-    tracing::info!(%source, key = %key, "admin API: ban lifted");
-    text(StatusCode::OK, format!("lifted {key}"))
 }
 
 /// Why a request to the write endpoints is refused before it is looked at.

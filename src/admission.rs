@@ -41,7 +41,8 @@ use ipnet::IpNet;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use crate::bans::{BansFull, NetBans};
+use crate::bans::{BansFull, NetBan, NetBans};
+use crate::cluster::admin::{AdminOp, Backlog, Ticket};
 use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::error::RejectReason;
@@ -179,6 +180,17 @@ pub struct Admission {
     failures: DashMap<IpAddr, FailureLog>,
     /// Cluster mode: the shared connection rate and failure counts (SPEC 7).
     cluster: Option<Arc<Cluster>>,
+}
+
+/// Why an admin-API change was not made.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AdminRefusal {
+    #[error(transparent)]
+    Full(#[from] BansFull),
+    #[error("no such ban")]
+    NoSuchBan,
+    #[error(transparent)]
+    Backlog(#[from] Backlog),
 }
 
 /// Why a ban is in force, as `GET /bans` shows it.
@@ -393,26 +405,104 @@ impl Admission {
         Ok(())
     }
 
-    /// Bans `net` for `duration` (admin API): new connections from it are refused; the
-    /// caller wakes open ones to check themselves. Refused when `max` bans are in force.
-    pub fn ban_network(&self, net: IpNet, duration: Duration, max: usize) -> Result<(), BansFull> {
+    /// Bans `net` for `duration` (admin API): new connections from it are refused at once;
+    /// the caller wakes open ones to check themselves. Refused when `max` bans are in
+    /// force. In cluster mode the ban is also published to every replica (refused once
+    /// `max` changes wait for Redis); the ticket says what became of that.
+    pub fn ban_network(
+        &self,
+        net: IpNet,
+        duration: Duration,
+        max: usize,
+    ) -> Result<Ticket, AdminRefusal> {
         let until = crate::deadline::after(Instant::now(), duration);
-        self.net_bans.insert(net, until, max)
+        let net = net.trunc();
+        let ban = || {
+            self.net_bans.insert(net, until, max)?;
+            Ok(vec![AdminOp::Ban { net, until }])
+        };
+        self.admin_change(max, ban)
     }
 
-    /// Lifts the admin ban of exactly `net`. False when there was none.
-    pub fn lift_network_ban(&self, net: IpNet) -> bool {
-        self.net_bans.remove(net)
+    /// Lifts the admin ban of exactly `net` (on every replica, in cluster mode).
+    pub fn lift_network_ban(&self, net: IpNet, max: usize) -> Result<Ticket, AdminRefusal> {
+        let net = net.trunc();
+        let lift = || {
+            if self.net_bans.remove(net) {
+                Ok(vec![AdminOp::Lift(net)])
+            } else {
+                Err(AdminRefusal::NoSuchBan)
+            }
+        };
+        self.admin_change(max, lift)
     }
 
     /// Lifts the bans of one address: an admin ban of that address alone and the ban of its
-    /// client key (authentication failures). False when neither was in force.
-    pub fn lift_address_ban(&self, ip: IpAddr) -> bool {
+    /// client key (authentication failures), on every replica in cluster mode.
+    /// [`AdminRefusal::NoSuchBan`] when neither was in force here.
+    pub fn lift_address_ban(&self, ip: IpAddr, max: usize) -> Result<Ticket, AdminRefusal> {
         let ip = normalize_ip(ip);
-        let lifted_net = self.net_bans.remove(IpNet::from(ip));
-        let key = client_key(ip, self.rules.load().ipv6_prefix);
-        let lifted_key = self.bans.remove(&key).is_some();
-        lifted_net || lifted_key
+        let lift = || {
+            let mut lifted = Vec::new();
+            let net = IpNet::from(ip);
+            if self.net_bans.remove(net) {
+                lifted.push(AdminOp::Lift(net));
+            }
+            let key = client_key(ip, self.rules.load().ipv6_prefix);
+            if self.bans.remove(&key).is_some() {
+                lifted.push(AdminOp::LiftKey(key));
+            }
+            if lifted.is_empty() {
+                Err(AdminRefusal::NoSuchBan)
+            } else {
+                Ok(lifted)
+            }
+        };
+        self.admin_change(max, lift)
+    }
+
+    /// Runs an admin change here, and queues it for the cluster in cluster mode.
+    fn admin_change(
+        &self,
+        max: usize,
+        change: impl FnOnce() -> Result<Vec<AdminOp>, AdminRefusal>,
+    ) -> Result<Ticket, AdminRefusal> {
+        match &self.cluster {
+            Some(cluster) => cluster.admin_change(max, change),
+            None => change().map(|_| Ticket::standalone()),
+        }
+    }
+
+    /// The cluster lifted `key`'s ban (an operator, on some replica).
+    pub fn lift_key_ban(&self, key: IpAddr) {
+        self.bans.remove(&key);
+    }
+
+    /// The admin bans in force.
+    pub fn admin_bans(&self) -> Vec<NetBan> {
+        self.net_bans.in_force()
+    }
+
+    /// The cluster's admin bans replace this replica's. True when a network is banned that
+    /// was not before: its open connections must check themselves.
+    pub fn replace_admin_bans(&self, bans: Vec<NetBan>) -> bool {
+        self.net_bans.replace(bans)
+    }
+
+    /// Applies one admin change learnt from the cluster (no cap: the cluster's list is
+    /// bounded). True when a network is banned that was not before.
+    pub fn apply_admin_change(&self, op: AdminOp) -> bool {
+        match op {
+            AdminOp::Ban { net, until } => self.net_bans.insert(net, until, usize::MAX).is_ok(),
+            AdminOp::Lift(net) => {
+                self.net_bans.remove(net);
+                false
+            }
+            AdminOp::LiftKey(key) => {
+                self.lift_key_ban(key);
+                false
+            }
+        }
     }
 
     /// Every ban in force: the admin API's networks, then the keys banned after

@@ -64,6 +64,19 @@ impl NetBans {
         })
     }
 
+    /// Replaces the whole list (the cluster's). True when it bans a network the old list
+    /// did not.
+    pub fn replace(&self, bans: Vec<NetBan>) -> bool {
+        self.update(|list| {
+            let now = Instant::now();
+            let grew = bans.iter().any(|new| {
+                new.until > now && !list.iter().any(|old| old.net == new.net && old.until > now)
+            });
+            *list = bans;
+            grew
+        })
+    }
+
     /// Lifts the ban of exactly `net`; false when there was none.
     pub fn remove(&self, net: IpNet) -> bool {
         let net = net.trunc();

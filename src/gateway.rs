@@ -8,15 +8,18 @@
 //! ([`RulesChanged`]): each checks itself again and closes if its address is now denied or
 //! banned, or its token or client certificate revoked.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 
 use crate::admission::Admission;
 use crate::auth::TokenStore;
-use crate::cluster::Cluster;
+use crate::bans::NetBan;
+use crate::cluster::admin::{AdminBans, AdminOp};
+use crate::cluster::{Cluster, Enforce};
 use crate::config::Config;
 use crate::proxy_protocol::ProxySettings;
 use crate::shutdown::Shutdown;
@@ -125,6 +128,36 @@ impl Gateway {
     /// The configuration in force right now.
     pub fn config(&self) -> Arc<Config> {
         self.config.load_full()
+    }
+}
+
+/// The sync task's view of this replica: what it learns from the cluster is enforced like
+/// the same change made here (open connections check themselves through `rules_changed`).
+impl AdminBans for Gateway {
+    fn in_force(&self) -> Vec<NetBan> {
+        self.admission.admin_bans()
+    }
+
+    fn replace(&self, bans: Vec<NetBan>) {
+        if self.admission.replace_admin_bans(bans) {
+            self.rules_changed.notify();
+        }
+    }
+
+    fn apply(&self, op: AdminOp) {
+        if self.admission.apply_admin_change(op) {
+            self.rules_changed.notify();
+        }
+    }
+}
+
+impl Enforce for Gateway {
+    fn ban_key(&self, key: IpAddr, until: Instant) {
+        self.admission.ban_until(key, until);
+    }
+
+    fn lift_key(&self, key: IpAddr) {
+        self.admission.lift_key_ban(key);
     }
 }
 

@@ -179,8 +179,7 @@ async fn background(
     };
     let cluster = async {
         if let Some(cluster) = gateway.cluster.clone() {
-            let ban = |key, until| gateway.admission.ban_until(key, until);
-            crate::cluster::sync::run(cluster, ban, stop.clone()).await;
+            crate::cluster::sync::run(cluster, &*gateway, stop.clone()).await;
         }
     };
     tokio::join!(pruning, upkeep, reloads, health, cluster);

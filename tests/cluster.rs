@@ -11,6 +11,7 @@ use rustls::pki_types::ServerName;
 use rustls::HandshakeKind;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
+use support::admin_api::*;
 use support::redis_server::RedisServer;
 use support::*;
 
@@ -424,4 +425,169 @@ async fn standalone_resumption_survives_a_reload() {
         HandshakeKind::Resumed,
         "a ticket issued before SIGHUP resumes after it"
     );
+}
+
+/// Cluster mode with the admin ban API on.
+fn admin_replica(certs: &TestCerts, redis: &RedisServer, extra: &str) -> Process {
+    replica(certs, Some(redis), &format!("{}{extra}", admin_section(16)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_ban_posted_on_one_replica_holds_on_every_replica() {
+    let certs = TestCerts::new();
+    let redis = RedisServer::start();
+    let a = admin_replica(&certs, &redis, "");
+    let b = admin_replica(&certs, &redis, "");
+    wait_cluster_up(&a, 1.0, Duration::from_secs(5));
+    wait_cluster_up(&b, 1.0, Duration::from_secs(5));
+    // Open on B while the ban is posted on A.
+    let mut open = Client::connect_with(b.addr, &certs, from(81))
+        .await
+        .unwrap();
+    assert_eq!(open.request_line("PING").await, "OK PONG");
+
+    let (status, body) = post_ban(a.admin, r#"{"cidr": "127.0.0.80/30", "duration": "1h"}"#).await;
+    assert_eq!(status, 201, "{body}");
+    assert!(body.contains("shared with every replica"), "{body}");
+    let posted = Instant::now();
+    let limit = SYNC + Duration::from_secs(1);
+    tokio::time::timeout(limit, open.expect_close_notify())
+        .await
+        .expect("B closes the open connection within sync_interval + 1 s");
+    let left = limit.saturating_sub(posted.elapsed());
+    wait_admission(b.addr, &certs, 82, true, left).await;
+    eprintln!(
+        "the ban held on B {:?} after the POST on A",
+        posted.elapsed()
+    );
+    assert!(
+        admitted(b.addr, &certs, 84).await,
+        "outside the range is served"
+    );
+    wait_for_sample(
+        b.admin,
+        "portcullis_connections_closed_total{reason=\"banned\"}",
+        1.0,
+    )
+    .await;
+    let (status, list) = list_bans(b.admin).await;
+    assert_eq!(status, 200);
+    assert!(
+        list.contains(r#""key":"127.0.0.80/30""#) && list.contains(r#""reason":"admin""#),
+        "GET /bans on B lists the cluster's admin ban: {list}"
+    );
+
+    // A replica started during the ban refuses the range from its first sync.
+    let c = admin_replica(&certs, &redis, "");
+    wait_cluster_up(&c, 1.0, Duration::from_secs(5));
+    wait_admission(c.addr, &certs, 83, true, limit).await;
+
+    // Every key has a TTL; the admin ban's keys none longer than the ban.
+    let keys = redis.keys();
+    for admin_key in ["portcullis:adminbans", "portcullis:adminbans:version"] {
+        assert!(keys.iter().any(|k| k == admin_key), "{keys:?}");
+        let ttl = redis.pttl(admin_key);
+        assert!(
+            ttl > 3500 * 1000 && ttl <= 3600 * 1000,
+            "{admin_key}: {ttl} ms"
+        );
+    }
+    for key in &keys {
+        assert!(redis.pttl(key) > 0, "{key} has no TTL");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ban_lifted_on_one_replica_is_lifted_on_every_replica() {
+    let certs = TestCerts::new();
+    let redis = RedisServer::start();
+    let auth = "[auth]\nmax_failures = 1\nban_duration = \"1h\"\n";
+    let a = admin_replica(&certs, &redis, auth);
+    let b = admin_replica(&certs, &redis, auth);
+    wait_cluster_up(&a, 1.0, Duration::from_secs(5));
+    wait_cluster_up(&b, 1.0, Duration::from_secs(5));
+    let limit = SYNC + Duration::from_secs(1);
+    // An admin ban posted on A, and an authentication-failure ban made on A (shared).
+    let (status, body) = post_ban(a.admin, r#"{"cidr": "127.0.0.90/31", "duration": "1h"}"#).await;
+    assert_eq!(status, 201, "{body}");
+    bad_token(a.addr, &certs, 92).await;
+    bad_token(a.addr, &certs, 92).await;
+    for p in [&a, &b] {
+        wait_admission(p.addr, &certs, 90, true, limit).await;
+        wait_admission(p.addr, &certs, 92, true, limit).await;
+    }
+
+    // Both lifted on B: the network, and the address (its client key's ban).
+    let (status, body) = delete_ban(b.admin, "127.0.0.90/31").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("shared with every replica"), "{body}");
+    assert_eq!(delete_ban(b.admin, "127.0.0.92").await.0, 200);
+    let lifted = Instant::now();
+    for p in [&b, &a] {
+        for source in [90, 91, 92] {
+            let left = limit.saturating_sub(lifted.elapsed());
+            wait_admission(p.addr, &certs, source, false, left).await;
+        }
+    }
+    eprintln!(
+        "lifted on A and B {:?} after the DELETE on B",
+        lifted.elapsed()
+    );
+    let (_, list) = list_bans(a.admin).await;
+    assert_eq!(list.trim(), "[]", "nothing left on A");
+
+    // A replica started after the lifts does not bring them back.
+    let c = admin_replica(&certs, &redis, auth);
+    wait_cluster_up(&c, 1.0, Duration::from_secs(5));
+    for source in [90, 92] {
+        assert!(admitted(c.addr, &certs, source).await, "127.0.0.{source}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_bans_made_while_redis_is_down_are_shared_when_it_is_back() {
+    let certs = TestCerts::new();
+    let mut redis = RedisServer::start();
+    let a = admin_replica(&certs, &redis, "");
+    let b = admin_replica(&certs, &redis, "");
+    wait_cluster_up(&a, 1.0, Duration::from_secs(5));
+    wait_cluster_up(&b, 1.0, Duration::from_secs(5));
+    let limit = SYNC + Duration::from_secs(1);
+    // Shared before the outage.
+    assert_eq!(
+        post_ban(a.admin, r#"{"cidr": "127.0.0.96/32", "duration": "1h"}"#)
+            .await
+            .0,
+        201
+    );
+    wait_admission(b.addr, &certs, 96, true, limit).await;
+
+    redis.kill();
+    wait_cluster_up(&a, 0.0, Duration::from_secs(5));
+    let started = Instant::now();
+    let (status, body) = post_ban(a.admin, r#"{"cidr": "127.0.0.95/32", "duration": "1h"}"#).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "the request does not wait on a Redis that is down"
+    );
+    assert_eq!(status, 201, "{body}");
+    assert!(body.contains("shared when Redis answers"), "{body}");
+    wait_admission(a.addr, &certs, 95, true, Duration::from_secs(1)).await;
+    assert!(admitted(b.addr, &certs, 95).await, "not shared yet");
+
+    // Redis back, empty: the ban made during the outage reaches B, and both bans reach
+    // a replica started afterwards (the replicas publish those Redis lost).
+    redis.restart();
+    wait_cluster_up(&a, 1.0, Duration::from_secs(10));
+    wait_cluster_up(&b, 1.0, Duration::from_secs(10));
+    wait_admission(b.addr, &certs, 95, true, limit).await;
+    assert!(!admitted(b.addr, &certs, 96).await, "still banned on B");
+    let c = admin_replica(&certs, &redis, "");
+    wait_cluster_up(&c, 1.0, Duration::from_secs(5));
+    for source in [95, 96] {
+        wait_admission(c.addr, &certs, source, true, limit).await;
+    }
+    for key in redis.keys() {
+        assert!(redis.pttl(&key) > 0, "{key} has no TTL");
+    }
 }

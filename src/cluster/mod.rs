@@ -49,6 +49,13 @@
 //! within two sync intervals plus a round trip, and closes the key's open connections on
 //! every replica. The local failure window also bans on its own, as standalone.
 //!
+//! # Admin bans
+//!
+//! Bans made through the admin API (`POST /bans`) and their lifts (`DELETE /bans/...`) are
+//! cluster-wide too, through the same script call: see [`admin`]. A change wakes the sync
+//! at once, so every replica applies it within `sync_interval` plus a round trip; lifting
+//! an address also lifts its client key's authentication-failure ban on every replica.
+//!
 //! # Session-ticket keys
 //!
 //! Every second (not every sync) a second script returns the keys of the current and
@@ -68,23 +75,26 @@
 //!
 //! The script sets a TTL on every key in the same atomic call that writes it: rate hashes
 //! 12 s, failure sets `failure_window`, bans the longest live ban, the ban log 60 s, the
-//! replica set 5 s; ticket keys two rotation periods and a minute. So the number of keys is bounded
-//! by what a spray writes in 12 s (rates) or `failure_window` (failures, which each cost a
-//! TLS handshake).
+//! replica set 5 s, the admin ban set and its version the longest admin ban (at most 365
+//! days; at most `admin.max_bans` members); ticket keys two rotation periods and a minute.
+//! So the number of keys is bounded by what a spray writes in 12 s (rates) or
+//! `failure_window` (failures, which each cost a TLS handshake).
 
+pub mod admin;
 pub mod rate;
 pub mod sync;
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use dashmap::DashMap;
 
 use crate::config::Config;
 use crate::tickets::Ticketer;
+use admin::{AdminBans, AdminOp, AdminQueue, Ticket};
 use rate::SharedRate;
 
 /// The most keys whose failures wait for the next sync: beyond it a failure is counted
@@ -107,6 +117,8 @@ pub struct ClusterSettings {
     pub max_failures: u32,
     pub ban_duration: Duration,
     pub ticket_rotation: Duration,
+    /// The most admin bans the shared list may hold (`admin.max_bans`).
+    pub max_bans: usize,
 }
 
 impl ClusterSettings {
@@ -118,6 +130,7 @@ impl ClusterSettings {
             max_failures: config.auth.max_failures,
             ban_duration: config.auth.ban_duration,
             ticket_rotation: config.tls.ticket_rotation,
+            max_bans: config.admin.max_bans,
         }
     }
 }
@@ -136,6 +149,19 @@ pub struct Cluster {
     up: AtomicBool,
     /// The process's session-ticket keys, which the sync replaces with the shared ones.
     tickets: Arc<Ticketer>,
+    /// Admin-API changes waiting to be published.
+    admin: AdminQueue,
+    /// Wakes the sync task before its next tick (an admin change waits for it).
+    nudge: tokio::sync::Notify,
+}
+
+/// What the sync task applies on this replica: what it learns from the cluster.
+pub trait Enforce: AdminBans {
+    /// The cluster banned `key` (authentication failures) until `until`: refuse it and
+    /// close its open connections.
+    fn ban_key(&self, key: IpAddr, until: Instant);
+    /// An operator lifted `key`'s ban on some replica.
+    fn lift_key(&self, key: IpAddr);
 }
 
 impl Cluster {
@@ -162,6 +188,8 @@ impl Cluster {
             failures: DashMap::new(),
             up: AtomicBool::new(false),
             tickets,
+            admin: AdminQueue::default(),
+            nudge: tokio::sync::Notify::new(),
         }))
     }
 
@@ -185,6 +213,19 @@ impl Cluster {
         if self.failures.len() < MAX_PENDING_FAILURE_KEYS {
             *self.failures.entry(key).or_insert(0) += 1;
         }
+    }
+
+    /// An admin-API change: `change` applies it here and says what to publish (refused
+    /// once `cap` changes wait for Redis); the sync is woken to publish it now. The ticket
+    /// tells the request what Redis made of it.
+    pub fn admin_change<E: From<admin::Backlog>>(
+        &self,
+        cap: usize,
+        change: impl FnOnce() -> Result<Vec<AdminOp>, E>,
+    ) -> Result<Ticket, E> {
+        let ticket = self.admin.record(cap, self.is_up(), change)?;
+        self.nudge.notify_one();
+        Ok(ticket)
     }
 
     /// Whether Redis answered the last sync.

@@ -2,12 +2,20 @@
 --
 -- KEYS[1] replicas zset (member: replica id, score: last sync, ms)
 -- KEYS[2] bans zset (member: "<client key> <until ms>", score: until ms)
--- KEYS[3] ban log zset (same members, score: when the ban was made, ms)
--- KEYS[3 + i], i = 1..n_rate: the rate hash of a client key (field: second, value: count)
--- KEYS[3 + n_rate + i], i = 1..n_fail: the failure zset of a client key
+-- KEYS[3] ban log zset (same members, score: when the ban was made, ms; and
+--         "lift <client key> <ms>" when an operator lifted a key's ban)
+-- KEYS[4] admin ban zset (member: network, score: until ms)
+-- KEYS[5] admin ban version (a nonce replaced at every change of KEYS[4])
+-- KEYS[5 + i], i = 1..n_rate: the rate hash of a client key (field: second, value: count)
+-- KEYS[5 + n_rate + i], i = 1..n_fail: the failure zset of a client key
 -- ARGV: replica id, n_rate, n_fail, ban cursor (ms, 0 = all live bans), failure window ms,
---       max_failures, ban ms, buckets, then n_rate counts, n_fail counts, n_fail client keys.
--- Returns: { now ms, replicas, { rate totals }, { ban members }, new cursor }
+--       max_failures, ban ms, buckets, then n_rate counts, n_fail counts, n_fail client keys,
+--       then the admin part: known version ("" = none), max_bans, new version nonce, n_ops,
+--       then n_ops triples (kind: "ban" | "lift" | "key", network or client key, ban ms).
+-- Returns: { now ms, replicas, { rate totals }, { ban members }, new cursor,
+--            admin version, lost (1: Redis lost the version this replica knew),
+--            { network, until ms, ... } (only when the version is not the known one),
+--            { refused networks } }
 local t = redis.call('TIME')
 local sec = tonumber(t[1])
 local now = sec * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -29,7 +37,7 @@ redis.call('PEXPIRE', KEYS[1], replica_ttl)
 
 local totals = {}
 for i = 1, n_rate do
-  local key = KEYS[3 + i]
+  local key = KEYS[5 + i]
   local add = tonumber(ARGV[8 + i])
   if add > 0 then
     redis.call('HINCRBY', key, sec, add)
@@ -50,7 +58,7 @@ for i = 1, n_rate do
 end
 
 for i = 1, n_fail do
-  local key = KEYS[3 + n_rate + i]
+  local key = KEYS[5 + n_rate + i]
   local count = tonumber(ARGV[8 + n_rate + i])
   local client = ARGV[8 + n_rate + n_fail + i]
   for k = 1, count do
@@ -71,6 +79,76 @@ for i = 1, n_fail do
   end
 end
 
+-- Admin bans (SPEC 9), see src/cluster/admin.rs.
+local a = 8 + n_rate + 2 * n_fail
+local known = ARGV[a + 1]
+local max_bans = tonumber(ARGV[a + 2])
+local nonce = ARGV[a + 3]
+local n_ops = tonumber(ARGV[a + 4])
+local version = redis.call('GET', KEYS[5])
+local lost = 0
+if not version then
+  version = ''
+  if known ~= '' then lost = 1 end
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
+local keep = 0
+local changed = false
+local refused = {}
+-- When Redis lost the bans, changes wait: the replicas first publish every ban they hold.
+if lost == 1 then n_ops = 0 end
+for i = 0, n_ops - 1 do
+  local kind = ARGV[a + 5 + 3 * i]
+  local target = ARGV[a + 6 + 3 * i]
+  local ms = tonumber(ARGV[a + 7 + 3 * i])
+  if kind == 'ban' then
+    if redis.call('ZSCORE', KEYS[4], target) or redis.call('ZCARD', KEYS[4]) < max_bans then
+      redis.call('ZADD', KEYS[4], now + ms, target)
+      keep = math.max(keep, ms)
+      changed = true
+    else
+      refused[#refused + 1] = target
+    end
+  elseif kind == 'lift' then
+    local expiry = redis.call('ZSCORE', KEYS[4], target)
+    if expiry then
+      redis.call('ZREM', KEYS[4], target)
+      keep = math.max(keep, tonumber(expiry) - now)
+      changed = true
+    end
+  elseif kind == 'key' then
+    -- The key's authentication-failure bans: out of the set a starting replica reads,
+    -- and into the log the others read. Keys are addresses: no glob characters.
+    local scan = '0'
+    repeat
+      local page = redis.call('ZSCAN', KEYS[2], scan, 'MATCH', target .. ' *', 'COUNT', 1000)
+      scan = page[1]
+      for j = 1, #page[2], 2 do
+        redis.call('ZREM', KEYS[2], page[2][j])
+      end
+    until scan == '0'
+    redis.call('ZADD', KEYS[3], now, 'lift ' .. target .. ' ' .. now)
+    redis.call('PEXPIRE', KEYS[3], log_keep)
+  end
+end
+if changed then
+  -- The version outlives no ban it covered, so it is absent only when Redis lost it or
+  -- every ban it covered has expired.
+  redis.call('SET', KEYS[5], nonce, 'KEEPTTL')
+  version = nonce
+  if redis.call('PTTL', KEYS[5]) < keep then
+    redis.call('PEXPIRE', KEYS[5], keep)
+  end
+  local last = redis.call('ZRANGE', KEYS[4], -1, -1, 'WITHSCORES')
+  if #last > 0 then
+    redis.call('PEXPIRE', KEYS[4], tonumber(last[2]) - now)
+  end
+end
+local admin = {}
+if lost == 0 and version ~= known then
+  admin = redis.call('ZRANGE', KEYS[4], 0, -1, 'WITHSCORES')
+end
+
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - log_keep)
 local bans
@@ -79,4 +157,4 @@ if cursor == 0 or cursor < now - log_keep then
 else
   bans = redis.call('ZRANGEBYSCORE', KEYS[3], cursor, '+inf')
 end
-return { now, replicas, totals, bans, now }
+return { now, replicas, totals, bans, now, version, lost, admin, refused }

@@ -2,6 +2,8 @@
 //! `sync_interval`, one script call (see `sync.lua`) publishes the counts, learns the
 //! totals and the new bans. Connection failures are retried with exponential backoff; the
 //! state changes (up, down) are logged once each and exported as `portcullis_cluster_up`.
+//! An admin change wakes the task at once, so that it reaches Redis without waiting for
+//! the next tick.
 
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
@@ -12,8 +14,10 @@ use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Script};
 use tokio_util::sync::CancellationToken;
 
+use super::admin::{AdminBatch, AdminOp};
 use super::rate::BUCKETS;
-use super::Cluster;
+use super::{Cluster, Enforce};
+use crate::bans::NetBan;
 use crate::error::ClusterOp;
 use crate::tickets::KEY_LEN;
 
@@ -28,8 +32,29 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const TICKET_REFRESH: Duration = Duration::from_secs(1);
 
 /// What the script returns: Redis' clock (ms), the replica count, the rate totals in batch
-/// order, the ban members (`"<key> <until ms>"`) and the next ban cursor.
-type SyncReply = (i64, u64, Vec<u64>, Vec<String>, i64);
+/// order, the ban log members (`"<key> <until ms>"`, `"lift <key> <ms>"`), the next ban
+/// cursor, then the admin bans' version, whether Redis lost the version this replica knew,
+/// the admin list (`network, until ms, ...`, only when the version changed) and the
+/// networks refused for `admin.max_bans`.
+type SyncReply = (
+    i64,
+    u64,
+    Vec<u64>,
+    Vec<String>,
+    i64,
+    String,
+    u8,
+    Vec<String>,
+    Vec<String>,
+);
+/// The admin part of the script's reply (see [`SyncReply`]).
+struct AdminReply {
+    version: String,
+    lost: bool,
+    list: Vec<String>,
+    refused: Vec<String>,
+}
+
 /// What the ticket script returns: the rotation period, its key and the previous one (hex).
 type TicketReply = (u64, String, String);
 
@@ -42,9 +67,9 @@ enum SyncError {
     Timeout,
 }
 
-/// The sync loop; `ban` enforces a ban learnt from the cluster (key, until). Returns when
-/// `stop` is cancelled.
-pub async fn run(cluster: Arc<Cluster>, ban: impl Fn(IpAddr, Instant), stop: CancellationToken) {
+/// The sync loop; `enforce` applies what is learnt from the cluster. Returns when `stop` is
+/// cancelled.
+pub async fn run(cluster: Arc<Cluster>, enforce: &impl Enforce, stop: CancellationToken) {
     let script = Script::new(include_str!("sync.lua"));
     let tickets = Script::new(include_str!("tickets.lua"));
     let mut link = Link {
@@ -54,6 +79,7 @@ pub async fn run(cluster: Arc<Cluster>, ban: impl Fn(IpAddr, Instant), stop: Can
         tickets_read: None,
         connection: None,
         cursor: 0,
+        admin_version: None,
         logged: None,
     };
     let mut backoff = BACKOFF_MIN;
@@ -62,9 +88,10 @@ pub async fn run(cluster: Arc<Cluster>, ban: impl Fn(IpAddr, Instant), stop: Can
     loop {
         tokio::select! {
             _ = tick.tick() => {}
+            _ = cluster.nudge.notified() => {}
             _ = stop.cancelled() => return,
         }
-        match link.sync(&ban).await {
+        match link.sync(enforce).await {
             Ok(()) => {
                 backoff = BACKOFF_MIN;
                 link.state(true, None);
@@ -95,12 +122,15 @@ struct Link<'a> {
     connection: Option<MultiplexedConnection>,
     /// Redis' time of the last ban read, 0 before the first: then all live bans are read.
     cursor: i64,
+    /// The version of the admin bans this replica's list mirrors; `None` before the first
+    /// read, or after Redis lost them.
+    admin_version: Option<String>,
     /// The state last logged, so each change is logged once.
     logged: Option<bool>,
 }
 
 impl Link<'_> {
-    async fn sync(&mut self, ban: &impl Fn(IpAddr, Instant)) -> Result<(), (ClusterOp, String)> {
+    async fn sync(&mut self, enforce: &impl Enforce) -> Result<(), (ClusterOp, String)> {
         let connection = match self.connection.clone() {
             Some(c) => c,
             None => {
@@ -115,10 +145,14 @@ impl Link<'_> {
         let started = Instant::now();
         let batch = self.cluster.rate.take_batch();
         let failures = self.take_failures();
-        match self.exchange(connection.clone(), &batch, &failures).await {
+        let admin = self.cluster.admin.batch(enforce);
+        match self
+            .exchange(connection.clone(), &batch, &failures, &admin)
+            .await
+        {
             Ok(reply) => {
                 crate::metrics::cluster_sync(started.elapsed());
-                self.apply(&batch, reply, ban);
+                self.apply(&batch, &admin, reply, enforce);
                 self.refresh_tickets(connection).await
             }
             Err(e) => {
@@ -189,13 +223,16 @@ impl Link<'_> {
         mut connection: MultiplexedConnection,
         batch: &[(IpAddr, u64)],
         failures: &[(IpAddr, u32)],
+        admin: &AdminBatch,
     ) -> Result<SyncReply, SyncError> {
         let s = self.cluster.settings();
         let prefix = &s.prefix;
         let mut call = self.script.prepare_invoke();
         call.key(format!("{prefix}replicas"))
             .key(format!("{prefix}bans"))
-            .key(format!("{prefix}banlog"));
+            .key(format!("{prefix}banlog"))
+            .key(format!("{prefix}adminbans"))
+            .key(format!("{prefix}adminbans:version"));
         for (key, _) in batch {
             call.key(format!("{prefix}rate:{key}"));
         }
@@ -219,31 +256,85 @@ impl Link<'_> {
         for (key, _) in failures {
             call.arg(key.to_string());
         }
+        let ops = admin_args(&admin.ops, Instant::now());
+        call.arg(self.admin_version.as_deref().unwrap_or(""))
+            .arg(s.max_bans)
+            .arg(hex::encode(rand::random::<[u8; 8]>()))
+            .arg(ops.len());
+        for (kind, target, ms) in ops {
+            call.arg(kind).arg(target).arg(ms);
+        }
         match tokio::time::timeout(REDIS_TIMEOUT, call.invoke_async(&mut connection)).await {
             Ok(reply) => Ok(reply?),
             Err(_) => Err(SyncError::Timeout),
         }
     }
 
-    fn apply(&mut self, batch: &[(IpAddr, u64)], reply: SyncReply, ban: &impl Fn(IpAddr, Instant)) {
-        let (redis_now, replicas, totals, bans, cursor) = reply;
+    fn apply(
+        &mut self,
+        batch: &[(IpAddr, u64)],
+        admin: &AdminBatch,
+        reply: SyncReply,
+        enforce: &impl Enforce,
+    ) {
+        let (redis_now, replicas, totals, bans, cursor, version, lost, list, refused) = reply;
         self.cluster.rate.apply(batch, &totals, replicas);
         self.cursor = cursor;
         let now = Instant::now();
         for member in bans {
-            let Some((key, until)) = parse_ban(&member) else {
-                tracing::debug!(member, "ignoring a malformed ban entry");
-                continue;
-            };
-            let left = until.saturating_sub(redis_now);
-            if left > 0 {
-                // `left` comes from Redis: a corrupt entry must not overflow the instant.
-                ban(
-                    key,
-                    crate::deadline::after(now, Duration::from_millis(left as u64)),
-                );
+            match parse_log(&member) {
+                Some(Logged::Ban(key, until)) => {
+                    if let Some(until) = local_instant(until, redis_now, now) {
+                        enforce.ban_key(key, until);
+                    }
+                }
+                Some(Logged::Lift(key)) => enforce.lift_key(key),
+                None => tracing::debug!(member, "ignoring a malformed ban entry"),
             }
         }
+        let reply = AdminReply {
+            version,
+            lost: lost != 0,
+            list,
+            refused,
+        };
+        self.apply_admin(admin, reply, (redis_now, now), enforce);
+    }
+
+    /// Settles the admin changes just published and takes the cluster's list when its
+    /// version changed.
+    fn apply_admin(
+        &mut self,
+        admin: &AdminBatch,
+        reply: AdminReply,
+        (redis_now, now): (i64, Instant),
+        enforce: &impl Enforce,
+    ) {
+        let AdminReply {
+            version,
+            lost,
+            list,
+            refused,
+        } = reply;
+        let refused: Vec<_> = refused.iter().filter_map(|n| n.parse().ok()).collect();
+        for net in &refused {
+            tracing::warn!(%net, "cluster: admin ban refused: the cluster holds admin.max_bans bans already");
+        }
+        if lost {
+            // The script applied none of the batch: it waits for the next sync, after the
+            // bans held here are published again.
+            tracing::warn!("cluster: Redis lost the admin bans (restarted empty?); this replica publishes those it holds");
+            self.cluster.admin.reseed();
+            self.admin_version = None;
+            return;
+        }
+        let fresh = if self.admin_version.as_deref() != Some(version.as_str()) {
+            self.admin_version = Some(version);
+            Some(parse_admin_list(&list, redis_now, now))
+        } else {
+            None
+        };
+        self.cluster.admin.settle(admin, &refused, fresh, enforce);
     }
 
     /// Records whether Redis answers; logs and exports each change once.
@@ -279,10 +370,58 @@ fn decode_key(text: &str) -> Option<[u8; KEY_LEN]> {
     hex::decode(text).ok()?.try_into().ok()
 }
 
-/// `"<client key> <until ms>"`.
-fn parse_ban(member: &str) -> Option<(IpAddr, i64)> {
+/// A ban log entry.
+#[derive(Debug, PartialEq, Eq)]
+enum Logged {
+    /// `"<client key> <until ms>"`.
+    Ban(IpAddr, i64),
+    /// `"lift <client key> <ms>"`: an operator lifted the key's ban.
+    Lift(IpAddr),
+}
+
+fn parse_log(member: &str) -> Option<Logged> {
+    if let Some(lift) = member.strip_prefix("lift ") {
+        let (key, _) = lift.rsplit_once(' ')?;
+        return Some(Logged::Lift(key.parse().ok()?));
+    }
     let (key, until) = member.rsplit_once(' ')?;
-    Some((key.parse().ok()?, until.parse().ok()?))
+    Some(Logged::Ban(key.parse().ok()?, until.parse().ok()?))
+}
+
+/// The local instant of `until` (Redis' clock, ms), or `None` if it has passed. Saturates:
+/// the value comes from Redis, and a corrupt entry must not overflow the instant.
+fn local_instant(until: i64, redis_now: i64, now: Instant) -> Option<Instant> {
+    let left = until.saturating_sub(redis_now);
+    (left > 0).then(|| crate::deadline::after(now, Duration::from_millis(left as u64)))
+}
+
+/// The admin list as the script returns it: network, until (ms), and so on. Malformed or
+/// expired entries are left out.
+fn parse_admin_list(flat: &[String], redis_now: i64, now: Instant) -> Vec<NetBan> {
+    flat.chunks_exact(2)
+        .filter_map(|pair| {
+            let net = pair[0].parse().ok()?;
+            // Redis renders a score as a double.
+            let until = pair[1].parse::<f64>().ok()? as i64;
+            let until = local_instant(until, redis_now, now)?;
+            Some(NetBan { net, until })
+        })
+        .collect()
+}
+
+/// The script's arguments for admin changes: kind, target, milliseconds left. A ban that
+/// has expired meanwhile is left out.
+fn admin_args(ops: &[AdminOp], now: Instant) -> Vec<(&'static str, String, u64)> {
+    ops.iter()
+        .filter_map(|op| match op {
+            AdminOp::Ban { net, until } => {
+                let left = millis(until.saturating_duration_since(now));
+                (left > 0).then(|| ("ban", net.to_string(), left))
+            }
+            AdminOp::Lift(net) => Some(("lift", net.to_string(), 0)),
+            AdminOp::LiftKey(key) => Some(("key", key.to_string(), 0)),
+        })
+        .collect()
 }
 
 fn millis(d: Duration) -> u64 {
@@ -296,13 +435,38 @@ mod tests {
     #[test]
     fn ban_members_parse_for_both_families() {
         assert_eq!(
-            parse_ban("192.0.2.1 1700000000000"),
-            Some(("192.0.2.1".parse().unwrap(), 1_700_000_000_000))
+            parse_log("192.0.2.1 1700000000000"),
+            Some(Logged::Ban("192.0.2.1".parse().unwrap(), 1_700_000_000_000))
         );
         assert_eq!(
-            parse_ban("2001:db8:1:2:: 5"),
-            Some(("2001:db8:1:2::".parse().unwrap(), 5))
+            parse_log("2001:db8:1:2:: 5"),
+            Some(Logged::Ban("2001:db8:1:2::".parse().unwrap(), 5))
         );
-        assert_eq!(parse_ban("garbage"), None);
+        assert_eq!(
+            parse_log("lift 2001:db8:1:2:: 5"),
+            Some(Logged::Lift("2001:db8:1:2::".parse().unwrap()))
+        );
+        assert_eq!(parse_log("garbage"), None);
+        assert_eq!(parse_log("lift garbage 5"), None);
+    }
+
+    #[test]
+    fn the_admin_list_converts_to_local_instants() {
+        let now = Instant::now();
+        let flat: Vec<String> = [
+            "192.0.2.0/24",
+            "1.5e3",
+            "bad",
+            "9",
+            "198.51.100.0/24",
+            "500",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let list = parse_admin_list(&flat, 1000, now);
+        assert_eq!(list.len(), 1, "malformed and expired entries are left out");
+        assert_eq!(list[0].net, "192.0.2.0/24".parse::<ipnet::IpNet>().unwrap());
+        assert_eq!(list[0].until, now + Duration::from_millis(500));
     }
 }
