@@ -372,7 +372,9 @@ pub struct AdminSection {
     /// The SHA-256 (hex) of the bearer token the write endpoints (`/bans`) require; empty
     /// turns them off (404).
     pub token_sha256: String,
-    /// Bans the admin API may hold at once, so the list and its check stay small.
+    /// Bans the admin API may hold at once, so the list and its check stay small. In
+    /// cluster mode it also caps the cluster's admin ban set in Redis and the admin
+    /// changes waiting for Redis while it is down.
     pub max_bans: usize,
 }
 
