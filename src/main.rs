@@ -291,6 +291,9 @@ fn serve(explicit: Option<PathBuf>, flags: &FlagOverrides) -> anyhow::Result<Exi
         server.run().await;
         anyhow::Ok(())
     })?;
+    // Connections are done; a blocking task still running (a reload stuck on a file) is
+    // left behind rather than waited for.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     Ok(ExitCode::SUCCESS)
 }
 

@@ -1,7 +1,10 @@
 //! Reload triggers: SIGHUP, and polling the configuration file and the files it names every
 //! `tls.reload_interval` when it is above zero. The reload itself is [`Gateway::reload`]:
-//! all or nothing, and a failure keeps the previous configuration.
+//! all or nothing, and a failure keeps the previous configuration. It reads files and
+//! resolves upstream names, which block, so it runs on tokio's blocking pool: a slow
+//! resolver or file never holds up a worker that serves connections.
 
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use tokio::signal::unix::Signal;
@@ -11,7 +14,7 @@ use crate::gateway::Gateway;
 
 /// Reloads on `hangup` (SIGHUP, registered at bind) and when the watched files change,
 /// until `stop`.
-pub async fn watch(gateway: &Gateway, mut hangup: Option<Signal>, stop: CancellationToken) {
+pub async fn watch(gateway: &Arc<Gateway>, mut hangup: Option<Signal>, stop: CancellationToken) {
     let mut seen = fingerprint(gateway);
     loop {
         // Read every time round: a reload may change the interval (0 turns polling off).
@@ -20,17 +23,29 @@ pub async fn watch(gateway: &Gateway, mut hangup: Option<Signal>, stop: Cancella
             _ = stop.cancelled() => return,
             Some(()) = async { hangup.as_mut()?.recv().await } => {
                 tracing::info!("SIGHUP: reloading");
-                let _ = gateway.reload();
+                reload(gateway, &stop).await;
                 seen = fingerprint(gateway);
             }
             _ = tokio::time::sleep(interval), if !interval.is_zero() => {
                 if fingerprint(gateway) != seen {
                     tracing::info!("configuration or certificate files changed: reloading");
-                    let _ = gateway.reload();
+                    reload(gateway, &stop).await;
                     seen = fingerprint(gateway);
                 }
             }
         }
+    }
+}
+
+/// One reload, on the blocking pool; its result is logged and counted by
+/// [`Gateway::reload`]. `stop` does not wait for it: a reload stuck on a file (a FIFO, a
+/// hung network mount) must not hold up the exit.
+async fn reload(gateway: &Arc<Gateway>, stop: &CancellationToken) {
+    let gateway = gateway.clone();
+    let reloading = tokio::task::spawn_blocking(move || gateway.reload());
+    tokio::select! {
+        _ = reloading => {}
+        _ = stop.cancelled() => {}
     }
 }
 

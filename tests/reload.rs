@@ -639,3 +639,42 @@ async fn an_invalid_or_restart_only_upstream_change_keeps_the_running_servers() 
         "the failed reload names the server: {stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_stuck_reading_a_file_holds_up_no_connection_nor_the_exit() {
+    let certs = TestCerts::new();
+    // One worker: a reload run on it would stop every connection while it waits.
+    let mut gateway = Process::gateway_with_env(&certs, "", &[("PORTCULLIS_SERVER_WORKERS", "1")]);
+    let mut client = Client::authed(gateway.addr, &certs).await;
+    // The new file names a client CA that is a FIFO nobody writes to yet: reading it waits,
+    // like a resolver or a network mount that does not answer.
+    let fifo = certs.dir.path().join("ca.fifo");
+    let path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo(3) on a NUL-terminated path; no memory is shared.
+    assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+    let config = certs.dir.path().join("portcullis.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let ca = format!("{:?}", certs.paths.ca_cert);
+    assert!(text.contains(&ca));
+    std::fs::write(&config, text.replace(&ca, &format!("{fifo:?}"))).unwrap();
+    gateway.signal(libc::SIGHUP);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !gateway.stderr().contains("SIGHUP: reloading") {
+        assert!(std::time::Instant::now() < deadline, "no reload began");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let served = tokio::time::timeout(Duration::from_secs(3), client.request_line("PING")).await;
+    assert_eq!(
+        served.ok().as_deref(),
+        Some("OK PONG"),
+        "open connections are served during the reload"
+    );
+    let mut other = Client::authed(gateway.addr, &certs).await;
+    assert_eq!(other.request_line("PING").await, "OK PONG");
+    // SIGTERM: the gateway exits although the reload still waits on the file.
+    drop((client, other));
+    gateway.signal(libc::SIGTERM);
+    let status = gateway.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "{status:?}");
+}
