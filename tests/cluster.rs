@@ -591,3 +591,58 @@ async fn admin_bans_made_while_redis_is_down_are_shared_when_it_is_back() {
         assert!(redis.pttl(&key) > 0, "{key} has no TTL");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_clusters_admin_bans_are_capped_by_max_bans() {
+    let certs = TestCerts::new();
+    let mut redis = RedisServer::start();
+    let one = admin_section(1);
+    let a = replica(&certs, Some(&redis), &one);
+    let b = replica(&certs, Some(&redis), &one);
+    wait_cluster_up(&a, 1.0, Duration::from_secs(5));
+    wait_cluster_up(&b, 1.0, Duration::from_secs(5));
+    // While Redis is down each replica takes one ban of its own: two in all.
+    redis.kill();
+    wait_cluster_up(&a, 0.0, Duration::from_secs(5));
+    wait_cluster_up(&b, 0.0, Duration::from_secs(5));
+    let (status, body) = post_ban(a.admin, r#"{"cidr": "127.0.0.101/32", "duration": "1h"}"#).await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = post_ban(b.admin, r#"{"cidr": "127.0.0.102/32", "duration": "1h"}"#).await;
+    assert_eq!(status, 201, "{body}");
+
+    // Redis back: the cluster keeps one of them, and both replicas agree on which.
+    redis.restart();
+    wait_cluster_up(&a, 1.0, Duration::from_secs(10));
+    wait_cluster_up(&b, 1.0, Duration::from_secs(10));
+    let deadline = Instant::now() + SYNC + Duration::from_secs(1);
+    let (on_a, on_b) = loop {
+        let on_a = list_bans(a.admin).await.1;
+        let on_b = list_bans(b.admin).await.1;
+        if on_a == on_b && on_a.matches(r#""reason":"admin""#).count() == 1 {
+            break (on_a, on_b);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the replicas did not converge on one ban: A {on_a} B {on_b}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let kept = if on_a.contains("127.0.0.101/32") {
+        101
+    } else {
+        102
+    };
+    let dropped = 203 - kept;
+    for p in [&a, &b] {
+        assert!(!admitted(p.addr, &certs, kept).await, "{on_b}");
+        assert!(admitted(p.addr, &certs, dropped).await, "{on_b}");
+    }
+    let log = format!("{}{}", a.stderr(), b.stderr());
+    assert!(log.contains("admin ban refused"), "{log}");
+    let mut connection = redis.connection().unwrap();
+    let members: u64 = redis::cmd("ZCARD")
+        .arg("portcullis:adminbans")
+        .query(&mut connection)
+        .unwrap();
+    assert_eq!(members, 1, "admin.max_bans in Redis");
+}
