@@ -24,7 +24,7 @@ SERVER_CORE=${SERVER_CORE:-0}
 CLIENT_CORE=${CLIENT_CORE:-1}
 KEEP_TMP=${KEEP_TMP:-0}
 SERVERS=(portcullis haproxy stunnel)
-SCENARIOS=(handshake resume steady idle reject)
+SCENARIOS=(handshake handshake_pq resume steady idle reject)
 
 TAG=compare
 
@@ -68,6 +68,13 @@ log "temp dir $DIR"
 CERTS=$DIR/certs
 cat "$CERTS/server.pem" "$CERTS/server.key" >"$DIR/haproxy.pem"
 chmod 600 "$DIR/haproxy.pem"
+
+# --- crypto floor ----------------------------------------------------------------------------
+# The server's unavoidable crypto per full handshake (signature + its side of the key
+# exchange), timed on the server core with the provider portcullis uses.
+FLOOR=$DIR/floor.txt
+taskset -c "$SERVER_CORE" "$LOAD" floor --key "$CERTS/server.key" >"$FLOOR"
+log "crypto floor: $(tr '\n' ' ' <"$FLOOR")"
 
 # --- backend ---------------------------------------------------------------------------------
 free_port
@@ -200,6 +207,11 @@ for row in "${ROWS[@]}"; do
     if [[ $scenario == reject && $key == refusals_per_s ]]; then
         s_cell="${s:--} (no rate limiting)"
     fi
+    if [[ $key == client_cpu_share ]]; then
+        # The load tool's own figure: a ratio between runs says nothing about the servers.
+        echo "| $label | ${p:--} | ${h:--} | $s_cell | - | - |"
+        continue
+    fi
     echo "| $label | ${p:--} | ${h:--} | $s_cell | $(ratio "$p" "$h") | $(ratio "$p" "$s") |"
 done
 echo
@@ -213,5 +225,32 @@ echo "are noisy: compare ratios across repeated runs, not single digits."
 echo "The load tool does not verify the server's certificate or handshake signature (the same"
 echo "for every server; each server still sends its chain and signs): its CPU share, its own"
 echo "CPU time over the elapsed time on its core, stays well below 1 when the server sets the rate."
+echo
+echo "## Server CPU per full handshake against the crypto floor"
+echo
+echo "The floor is the crypto a TLS 1.3 server cannot avoid in one full handshake: the"
+echo "CertificateVerify signature with its key and its side of the negotiated key exchange"
+echo "(X25519: a key pair and the agreement; X25519MLKEM768: that plus the ML-KEM-768"
+echo "encapsulation), timed on core $SERVER_CORE in this run by \`load floor\` (rustls on aws-lc-rs,"
+echo "the fastest of 7 rounds of thread CPU time). OpenSSL's own primitives may be faster or"
+echo "slower; the floor is the same number for every server here."
+echo
+echo "| server | scenario | group | server CPU per handshake (µs) | crypto floor (µs) | CPU / floor |"
+echo "|---|---|---|---:|---:|---:|"
+for server in "${SERVERS[@]}"; do
+    for scenario in handshake handshake_pq; do
+        group=$(value "$scenario" "$server" group)
+        [[ -n $group ]] || continue
+        cpu=$(value "$scenario" "$server" server_us_per_op)
+        floor=$(awk -v g="group=$group" '$2 == g { for (i = 3; i <= NF; i++) if (index($i, "floor_us=") == 1) print substr($i, 10) }' "$FLOOR")
+        echo "| $server | $scenario | $group | ${cpu:--} | ${floor:--} | $(ratio "$cpu" "$floor") |"
+    done
+done
+echo
+echo "Floor lines:"
+echo
+echo '```'
+cat "$FLOOR"
+echo '```'
 echo
 print_notes_and_results

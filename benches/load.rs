@@ -98,6 +98,16 @@ enum Command {
     Backend { listen: SocketAddr },
     /// Send back every byte as it arrives: the backend of the relay comparison.
     RawEcho { listen: SocketAddr },
+    /// Time the crypto a TLS 1.3 server cannot avoid in one full handshake, with the
+    /// provider portcullis uses (rustls on aws-lc-rs): the CertificateVerify signature with
+    /// the server's key, and its side of each key exchange group (X25519: a key pair and the
+    /// agreement; X25519MLKEM768: that plus the ML-KEM-768 encapsulation). Prints one
+    /// `scenario=floor` line per group, in CPU microseconds of this thread.
+    Floor {
+        /// The server's private key (PEM), e.g. the `server.key` of `portcullis certs generate`.
+        #[arg(long)]
+        key: PathBuf,
+    },
 }
 
 fn main() {
@@ -110,6 +120,7 @@ fn main() {
         match args.command {
             Some(Command::Backend { listen }) => return backend(listen).await,
             Some(Command::RawEcho { listen }) => return raw_echo(listen).await,
+            Some(Command::Floor { key }) => return crypto_floor(&key),
             None => {}
         }
         let local = match args.target {
@@ -727,6 +738,81 @@ async fn raw_echo(listen: SocketAddr) {
             let _ = tokio::io::copy(&mut rd, &mut wr).await;
         });
     }
+}
+
+/// How many rounds each floor operation is timed in; the fastest round counts (the least
+/// disturbed by other processes: the floor is what the operation needs, not what it got).
+const FLOOR_ROUNDS: usize = 7;
+/// The thread CPU time each round runs for.
+const FLOOR_ROUND: Duration = Duration::from_millis(60);
+
+/// Prints the server's unavoidable crypto per full TLS 1.3 handshake, per group.
+fn crypto_floor(key: &std::path::Path) {
+    use rustls::crypto::aws_lc_rs::kx_group::{X25519, X25519MLKEM768};
+    use rustls::pki_types::PrivateKeyDer;
+    let provider = rustls::crypto::aws_lc_rs::default_provider();
+    let key = PrivateKeyDer::from_pem_file(key).expect("server key (PEM)");
+    let key = provider
+        .key_provider
+        .load_private_key(key)
+        .expect("a key aws-lc-rs can sign with");
+    let signer = key
+        .choose_scheme(&[
+            rustls::SignatureScheme::ECDSA_NISTP256_SHA256,
+            rustls::SignatureScheme::ECDSA_NISTP384_SHA384,
+            rustls::SignatureScheme::ED25519,
+            rustls::SignatureScheme::RSA_PSS_SHA256,
+        ])
+        .expect("a TLS 1.3 signature scheme for the key");
+    // What a TLS 1.3 server signs: 64 spaces, the context string, a zero byte and the
+    // transcript hash (RFC 8446 section 4.4.3).
+    let mut message = vec![0x20; 64];
+    message.extend_from_slice(b"TLS 1.3, server CertificateVerify\0");
+    message.extend_from_slice(&[0x5a; 32]);
+    let sign_us = cpu_us_per_op(|| {
+        signer.sign(&message).expect("sign");
+    });
+    for group in [X25519, X25519MLKEM768] {
+        // The client's share is made once; the server's side of the exchange is timed.
+        let client = group.start().expect("client key share");
+        let share = client.pub_key().to_vec();
+        let kx_us = cpu_us_per_op(|| {
+            group.start_and_complete(&share).expect("key exchange");
+        });
+        println!(
+            "scenario=floor group={:?} scheme={:?} sign_us={sign_us:.1} kx_us={kx_us:.1} floor_us={:.1}",
+            group.name(),
+            signer.scheme(),
+            sign_us + kx_us
+        );
+    }
+}
+
+/// CPU microseconds of this thread per call of `op`: the fastest of [`FLOOR_ROUNDS`] rounds.
+fn cpu_us_per_op(mut op: impl FnMut()) -> f64 {
+    (0..FLOOR_ROUNDS)
+        .map(|_| {
+            let start = thread_cpu();
+            let mut calls = 0u32;
+            while thread_cpu() - start < FLOOR_ROUND {
+                op();
+                calls += 1;
+            }
+            (thread_cpu() - start).as_secs_f64() * 1e6 / f64::from(calls)
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+/// This thread's CPU time (user + system).
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; the clock id is a constant Linux knows.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID)");
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 /// The built portcullis, started for a self-contained run: one worker thread, auth off,
