@@ -12,7 +12,7 @@ build_release() {
     LOAD=$(cargo bench --locked --bench load --no-run --message-format=json |
         grep '"kind":\["bench"\],[^}]*"name":"load"' | grep -o '"executable":"[^"]*"' | tail -n 1 | cut -d'"' -f4)
     [[ -n $LOAD && -x $LOAD ]] || die "could not find the load bench binary (cargo bench --bench load --no-run)"
-    PORTCULLIS=$PWD/target/release/portcullis
+    PORTCULLIS=${CARGO_TARGET_DIR:-$PWD/target}/release/portcullis
     [[ -x $PORTCULLIS ]] || die "no $PORTCULLIS after the build"
 }
 

@@ -57,6 +57,10 @@ struct Args {
     /// The server's pid, for RSS (idle scenario).
     #[arg(long)]
     pid: Option<u32>,
+    /// portcullis' admin listener: after each scenario, the accept loop's time per
+    /// connection is read from its `portcullis_accept_duration_seconds` histogram.
+    #[arg(long)]
+    admin: Option<SocketAddr>,
     /// Name printed in each result line.
     #[arg(long, default_value = "portcullis")]
     label: String,
@@ -144,9 +148,14 @@ fn main() {
             pid,
             verify: args.verify,
         };
+        let admin = args.admin.or(local.as_ref().map(|l| l.admin));
         let duration = Duration::from_secs_f64(args.seconds);
         let (workers, connections) = (args.workers, args.connections);
         for scenario in args.scenarios.split(',') {
+            let accepts_before = match admin {
+                Some(admin) => accept_times(admin).await,
+                None => None,
+            };
             match scenario.trim() {
                 "handshake" => {
                     bench
@@ -169,6 +178,11 @@ fn main() {
                 "idle" => bench.idle(args.idle, pid).await,
                 "reject" => bench.reject(duration).await,
                 other => eprintln!("unknown scenario {other}"),
+            }
+            if let (Some(admin), Some(before)) = (admin, accepts_before) {
+                if let Some(after) = accept_times(admin).await {
+                    after.since(&before).print(&args.label, scenario.trim());
+                }
             }
         }
         drop(local);
@@ -815,11 +829,85 @@ fn thread_cpu() -> Duration {
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
+/// A scrape of the gateway's accept-loop histogram: cumulative counts per bucket bound
+/// (seconds), sum (seconds) and count.
+struct AcceptTimes {
+    buckets: Vec<(f64, u64)>,
+    sum: f64,
+    count: u64,
+}
+
+/// Reads `portcullis_accept_duration_seconds` from the admin listener's `/metrics`.
+async fn accept_times(admin: SocketAddr) -> Option<AcceptTimes> {
+    const NAME: &str = "portcullis_accept_duration_seconds";
+    let mut stream = TcpStream::connect(admin).await.ok()?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n")
+        .await
+        .ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await.ok()?;
+    let mut times = AcceptTimes {
+        buckets: Vec::new(),
+        sum: 0.0,
+        count: 0,
+    };
+    for line in text.lines().filter(|l| l.starts_with(NAME)) {
+        let (series, value) = line.rsplit_once(' ')?;
+        match &series[NAME.len()..] {
+            "_sum" => times.sum = value.parse().ok()?,
+            "_count" => times.count = value.parse().ok()?,
+            bucket => {
+                let le = bucket.strip_prefix("_bucket{le=\"")?.strip_suffix("\"}")?;
+                times.buckets.push((le.parse().ok()?, value.parse().ok()?));
+            }
+        }
+    }
+    (times.count > 0 || !times.buckets.is_empty()).then_some(times)
+}
+
+impl AcceptTimes {
+    /// What was recorded between `before` and this scrape.
+    fn since(&self, before: &AcceptTimes) -> AcceptTimes {
+        let earlier = |le: f64| {
+            let found = before.buckets.iter().find(|(b, _)| *b == le);
+            found.map_or(0, |(_, n)| *n)
+        };
+        AcceptTimes {
+            buckets: self
+                .buckets
+                .iter()
+                .map(|&(le, n)| (le, n - earlier(le)))
+                .collect(),
+            sum: self.sum - before.sum,
+            count: self.count - before.count,
+        }
+    }
+
+    /// The smallest bucket bound holding the fraction `q` of the connections.
+    fn quantile_bound(&self, q: f64) -> f64 {
+        let wanted = (self.count as f64 * q).ceil() as u64;
+        let found = self.buckets.iter().find(|(_, n)| *n >= wanted);
+        found.map_or(f64::INFINITY, |(le, _)| *le)
+    }
+
+    fn print(&self, label: &str, scenario: &str) {
+        let mean_us = self.sum / self.count.max(1) as f64 * 1e6;
+        println!(
+            "scenario=accept_{scenario} server={label} connections={} mean_us={mean_us:.2} p99_le_us={} max_le_us={}",
+            self.count,
+            self.quantile_bound(0.99) * 1e6,
+            self.quantile_bound(1.0) * 1e6,
+        );
+    }
+}
+
 /// The built portcullis, started for a self-contained run: one worker thread, auth off,
 /// limits raised except for the `reject` scenario's flooding source.
 struct LocalServer {
     child: std::process::Child,
     addr: SocketAddr,
+    admin: SocketAddr,
     ca: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -848,16 +936,19 @@ impl LocalServer {
             .spawn()
             .expect("portcullis");
         let stderr = std::io::BufReader::new(child.stderr.take().expect("stderr"));
-        let mut addr = None;
-        for line in stderr.lines().map_while(Result::ok) {
-            if let Some(rest) = line.split("listen=").nth(1) {
-                addr = rest.split_whitespace().next().and_then(|a| a.parse().ok());
-                break;
-            }
-        }
+        let field = |line: &str, key: &str| -> Option<SocketAddr> {
+            let rest = line.split(key).nth(1)?;
+            rest.split_whitespace().next()?.parse().ok()
+        };
+        let serving = stderr
+            .lines()
+            .map_while(Result::ok)
+            .find_map(|line| Some((field(&line, "listen=")?, field(&line, "admin=")?)));
+        let (addr, admin) = serving.expect("portcullis started");
         LocalServer {
             child,
-            addr: addr.expect("portcullis started"),
+            addr,
+            admin,
             ca: certs.ca_cert,
             _dir: dir,
         }

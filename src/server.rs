@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::{TcpListener, TcpSocket};
@@ -201,13 +201,16 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
 async fn accept_loop(listener: &TcpListener, gateway: &Arc<Gateway>, tracker: &TaskTracker) {
     let mut backoff = ACCEPT_BACKOFF_MIN;
     let mut reserve = Reserve::new();
+    let decision_time = crate::metrics::accept_duration();
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 backoff = ACCEPT_BACKOFF_MIN;
+                let started = Instant::now();
                 if let Some(accepted) = crate::session::accept(stream, peer, gateway) {
                     tracker.spawn(crate::session::run(accepted, gateway.clone()));
                 }
+                decision_time.record(started.elapsed());
             }
             Err(e) if is_per_connection(&e) => {
                 tracing::debug!(error = %e, "accept: connection gone before it was accepted");

@@ -153,6 +153,8 @@ async fn every_path_is_counted() {
     }
     for (series, at_least) in [
         ("portcullis_connections_accepted_total", 10.0),
+        // The accept loop times every accepted connection, refused ones included.
+        ("portcullis_accept_duration_seconds_count", 10.0),
         (
             "portcullis_connections_closed_total{reason=\"too_large\"}",
             2.0,
