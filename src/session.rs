@@ -624,6 +624,10 @@ impl Session {
     async fn connect_upstream(&mut self) -> Option<CloseReason> {
         let gateway = Arc::clone(&self.gateway);
         let upstream: &Upstream = gateway.service.upstream()?;
+        // The `OK` to `AUTH` goes out first: the client does not wait for the connect.
+        if let Err(reason) = self.send_queued().await {
+            return Some(reason);
+        }
         let framing = self.codec.framing().unwrap_or(Framing::Text);
         let (_, conn) = self.stream.get_ref();
         let client = ClientInfo::from_tls(
@@ -659,16 +663,9 @@ impl Session {
     /// stream mode: after the replies already queued (the `OK` to `AUTH`), bytes flow as
     /// they are until both sides have closed.
     async fn relay_stream(&mut self, link: Link) -> CloseReason {
-        let (stream, wbuf) = (&mut self.stream, &mut self.wbuf);
-        let sent = timeout(CLOSE_TIMEOUT, async {
-            stream.write_all(wbuf).await?;
-            stream.flush().await
-        })
-        .await;
-        if !matches!(sent, Ok(Ok(()))) {
-            return CloseReason::IoError;
+        if let Err(reason) = self.send_queued().await {
+            return reason;
         }
-        self.wbuf.clear();
         let pending = self.rbuf.split().freeze();
         // The relay holds the stream: what a recheck needs is taken out of it first.
         let (_, conn) = self.stream.get_ref();
@@ -689,6 +686,26 @@ impl Session {
         };
         let reason = stream::relay(&mut self.stream, link, pending, stops).await;
         self.close(reason).await
+    }
+
+    /// Writes and flushes the queued replies (the few an unauthenticated client can have,
+    /// and the `OK` to `AUTH`), within [`CLOSE_TIMEOUT`].
+    async fn send_queued(&mut self) -> Result<(), CloseReason> {
+        if self.wbuf.is_empty() && !self.needs_flush {
+            return Ok(());
+        }
+        let (stream, wbuf) = (&mut self.stream, &self.wbuf);
+        let sent = timeout(CLOSE_TIMEOUT, async {
+            stream.write_all(wbuf).await?;
+            stream.flush().await
+        })
+        .await;
+        if !matches!(sent, Ok(Ok(()))) {
+            return Err(CloseReason::IoError);
+        }
+        self.wbuf.clear();
+        self.needs_flush = false;
+        Ok(())
     }
 
     /// messages mode: moves complete upstream messages into the write buffer, in the
