@@ -10,7 +10,9 @@
 //! * `steady` — C persistent connections, ECHO of 64 bytes in a closed loop. Requests/s,
 //!   p50/p99/p99.9.
 //! * `idle` — N idle connections (each has completed one PING); the server's RSS per
-//!   connection (needs the server's pid).
+//!   connection (needs the server's pid). `--idle 1000,18000` opens them in steps and
+//!   prints a line at each count, with the bytes per connection since the previous count
+//!   (`step_bytes_per_connection`): flat when both figures stay the same as N grows.
 //! * `reject` — one source address floods new TCP connections; refusals/s, and the p99 of
 //!   a legitimate client's PING from another address meanwhile.
 //! * `relay` — like `steady`, but each request is one binary frame of 64 bytes that a
@@ -74,8 +76,10 @@ struct Args {
     workers: usize,
     #[arg(long, default_value_t = 32)]
     connections: usize,
-    #[arg(long, default_value_t = 2000)]
-    idle: usize,
+    /// Idle connections to hold (idle scenario); several, comma-separated, are reached in
+    /// turn with a result line at each.
+    #[arg(long, value_delimiter = ',', default_value = "2000")]
+    idle: Vec<usize>,
     /// Seconds per timed scenario.
     #[arg(long, default_value_t = 3.0)]
     seconds: f64,
@@ -175,7 +179,7 @@ fn main() {
                         .await
                 }
                 "relay" => bench.steady(connections, duration, Exchange::Relay).await,
-                "idle" => bench.idle(args.idle, pid).await,
+                "idle" => bench.idle(&args.idle, pid).await,
                 "reject" => bench.reject(duration).await,
                 other => eprintln!("unknown scenario {other}"),
             }
@@ -255,6 +259,10 @@ impl Exchange {
         }
     }
 }
+
+/// The most idle connections: one source address each, 127.0.20.x to 127.0.97.x (the
+/// `reject` scenario uses 127.0.98.1 and 127.0.99.1).
+const MAX_IDLE: usize = 78 * 250;
 
 /// One binary frame: `u32` big-endian length 64, then 64 payload bytes.
 fn relay_frame() -> Vec<u8> {
@@ -432,36 +440,60 @@ impl Bench {
         );
     }
 
-    /// N idle connections that each completed one PING; server RSS per connection.
-    async fn idle(&self, count: usize, pid: Option<u32>) {
+    /// Idle connections that each completed one PING, opened up to each of `counts` in
+    /// turn; at each, the server's RSS per connection since the start and since the
+    /// previous count.
+    async fn idle(&self, counts: &[usize], pid: Option<u32>) {
         let Some(pid) = pid else {
             eprintln!("idle: needs --pid");
             return;
         };
+        let mut counts = counts.to_vec();
+        counts.sort_unstable();
+        if counts.last().is_some_and(|&n| n > MAX_IDLE) {
+            eprintln!("idle: at most {MAX_IDLE} connections (one source address each)");
+            return;
+        }
         let connector = self.connector(true);
         tokio::time::sleep(Duration::from_millis(500)).await;
         let before = rss_kib(pid);
-        let mut held = Vec::with_capacity(count);
-        for i in 0..count {
-            let source = IpAddr::from([127, 0, 20 + (i / 250) as u8, 1 + (i % 250) as u8]);
-            let mut stream = self
-                .connect(&connector, Some(source))
-                .await
-                .expect("connect");
-            stream.write_all(b"PING\n").await.expect("write");
-            let mut buf = [0u8; 16];
-            let n = stream.read(&mut buf).await.expect("read");
-            assert!(buf[..n].starts_with(b"OK"), "bad reply");
-            held.push(stream);
+        let (mut previous, mut previous_rss) = (0, before);
+        let mut held = Vec::with_capacity(counts.last().copied().unwrap_or(0));
+        for count in counts {
+            for i in held.len()..count {
+                held.push(self.idle_connection(&connector, i).await);
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let after = rss_kib(pid);
+            let per = |kib: u64, n: usize| (kib * 1024) as f64 / n.max(1) as f64;
+            println!(
+                "scenario=idle server={} connections={count} rss_before_kib={before} rss_after_kib={after} bytes_per_connection={:.0} step_bytes_per_connection={:.0}",
+                self.label,
+                per(after.saturating_sub(before), count),
+                per(after.saturating_sub(previous_rss), count - previous),
+            );
+            (previous, previous_rss) = (count, after);
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let after = rss_kib(pid);
-        println!(
-            "scenario=idle server={} connections={count} rss_before_kib={before} rss_after_kib={after} bytes_per_connection={:.0}",
-            self.label,
-            (after.saturating_sub(before) * 1024) as f64 / count as f64
-        );
         drop(held);
+    }
+
+    /// The `i`th idle connection: its own source address (127.0.20.1 to 127.0.97.250, 250
+    /// per /24, so per-address limits never refuse it), one PING answered, then silence.
+    async fn idle_connection(
+        &self,
+        connector: &TlsConnector,
+        i: usize,
+    ) -> tokio_rustls::client::TlsStream<TcpStream> {
+        let source = IpAddr::from([127, 0, 20 + (i / 250) as u8, 1 + (i % 250) as u8]);
+        let mut stream = self
+            .connect(connector, Some(source))
+            .await
+            .expect("connect");
+        stream.write_all(b"PING\n").await.expect("write");
+        let mut buf = [0u8; 16];
+        let n = stream.read(&mut buf).await.expect("read");
+        assert!(buf[..n].starts_with(b"OK"), "bad reply");
+        stream
     }
 
     /// One source floods new TCP connections; another measures PING latency meanwhile.
