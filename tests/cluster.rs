@@ -647,3 +647,98 @@ async fn the_clusters_admin_bans_are_capped_by_max_bans() {
         .unwrap();
     assert_eq!(members, 1, "admin.max_bans in Redis");
 }
+
+/// Fills the shared authentication-failure ban set with `n` client keys banned for
+/// `ban_ms` more, as an attacker spraying addresses (each banned after a few bad tokens)
+/// would grow it.
+fn grow_ban_set(redis: &RedisServer, n: u32, ban_ms: i64) {
+    let mut connection = redis.connection().unwrap();
+    let (sec, micros): (i64, i64) = redis::cmd("TIME").query(&mut connection).unwrap();
+    let until = sec * 1000 + micros / 1000 + ban_ms;
+    for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
+        let mut zadd = redis::cmd("ZADD");
+        zadd.arg("portcullis:bans");
+        for i in chunk {
+            zadd.arg(until)
+                .arg(format!("2001:db8:{:x}:{:x}::", i >> 16, i & 0xffff));
+        }
+        let _: u64 = zadd.query(&mut connection).unwrap();
+    }
+    let _: u8 = redis::cmd("PEXPIRE")
+        .arg("portcullis:bans")
+        .arg(ban_ms + 1000)
+        .query(&mut connection)
+        .unwrap();
+}
+
+/// The calls Redis logged as slow (`slowlog-log-slower-than`) since `SLOWLOG RESET`.
+fn slow_calls(redis: &RedisServer) -> u64 {
+    let mut connection = redis.connection().unwrap();
+    redis::cmd("SLOWLOG")
+        .arg("LEN")
+        .query(&mut connection)
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifting_a_key_stays_cheap_however_large_the_ban_set_grows() {
+    let certs = TestCerts::new();
+    let redis = RedisServer::start();
+    let auth = "[auth]\nmax_failures = 1\nban_duration = \"1h\"\n";
+    let a = admin_replica(&certs, &redis, auth);
+    let b = admin_replica(&certs, &redis, auth);
+    wait_cluster_up(&a, 1.0, Duration::from_secs(5));
+    wait_cluster_up(&b, 1.0, Duration::from_secs(5));
+    let limit = SYNC + Duration::from_secs(1);
+    bad_token(a.addr, &certs, 110).await;
+    bad_token(a.addr, &certs, 110).await;
+    for p in [&a, &b] {
+        wait_admission(p.addr, &certs, 110, true, limit).await;
+    }
+    // 100,000 sprayed keys banned for 30 min: before the key's own (1 h) when read by score.
+    grow_ban_set(&redis, 100_000, 30 * 60 * 1000);
+    let mut connection = redis.connection().unwrap();
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("slowlog-log-slower-than")
+        .arg(100_000)
+        .query(&mut connection)
+        .unwrap();
+    let _: () = redis::cmd("SLOWLOG")
+        .arg("RESET")
+        .query(&mut connection)
+        .unwrap();
+
+    // A replica that starts now reads every live ban, the key's among them, in pages.
+    let c = admin_replica(&certs, &redis, auth);
+    wait_cluster_up(&c, 1.0, Duration::from_secs(5));
+    wait_admission(c.addr, &certs, 110, true, Duration::from_secs(30)).await;
+
+    let (status, body) = delete_ban(b.admin, "127.0.0.110").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("shared with every replica"), "{body}");
+    let lifted = Instant::now();
+    for p in [&b, &a, &c] {
+        let left = limit.saturating_sub(lifted.elapsed());
+        wait_admission(p.addr, &certs, 110, false, left).await;
+    }
+    tokio::time::sleep(SYNC * 10).await;
+    for p in [&a, &b, &c] {
+        assert_eq!(
+            sample(&scrape(p.admin), "portcullis_cluster_up"),
+            1.0,
+            "{}",
+            p.stderr()
+        );
+    }
+    assert_eq!(
+        slow_calls(&redis),
+        0,
+        "no call took Redis 100 ms: lifts and the paged read stay cheap"
+    );
+    let members: u64 = redis::cmd("ZCARD")
+        .arg("portcullis:bans")
+        .query(&mut connection)
+        .unwrap();
+    assert_eq!(members, 100_000, "the key's ban alone was lifted");
+}

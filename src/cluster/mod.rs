@@ -42,9 +42,12 @@
 //!
 //! Each failure is published with the next sync and counted per key in a sliding window
 //! (a sorted set scored by Redis' clock); more than `max_failures` within `failure_window`
-//! bans the key for `ban_duration` everywhere. Bans are a sorted set scored by expiry, plus
-//! a log scored by creation that replicas read incrementally (a replica that starts, or
-//! that was cut off for over 60 s, reads all live bans). Expiry times are converted
+//! bans the key for `ban_duration` everywhere. Bans are a sorted set (one member per client
+//! key, scored by expiry, so an operator's lift is one `ZREM` however large an address spray
+//! grew the set), plus a log scored by creation that replicas read incrementally (a replica
+//! that starts, or that was cut off for over 60 s, reads all live bans, one page of
+//! [`rate::MAX_KEYS_PER_SYNC`] per sync, so no sync's script work grows with the set).
+//! Expiry times are converted
 //! through Redis' clock, so replicas' clocks need not agree. A ban is enforced everywhere
 //! within two sync intervals plus a round trip, and closes the key's open connections on
 //! every replica. The local failure window also bans on its own, as standalone.

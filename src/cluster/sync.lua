@@ -1,18 +1,20 @@
 -- One sync of one replica, atomic (SPEC 7). Every key written gets a TTL in the same call.
 --
 -- KEYS[1] replicas zset (member: replica id, score: last sync, ms)
--- KEYS[2] bans zset (member: "<client key> <until ms>", score: until ms)
--- KEYS[3] ban log zset (same members, score: when the ban was made, ms; and
+-- KEYS[2] bans zset (member: the client key, score: until ms), so that a lift is one ZREM
+-- KEYS[3] ban log zset (member: "<client key> <until ms>", score: when the ban was made, ms;
 --         "lift <client key> <ms>" when an operator lifted a key's ban)
 -- KEYS[4] admin ban zset (member: network, score: until ms)
 -- KEYS[5] admin ban version (a nonce replaced at every change of KEYS[4])
 -- KEYS[5 + i], i = 1..n_rate: the rate hash of a client key (field: second, value: count)
 -- KEYS[5 + n_rate + i], i = 1..n_fail: the failure zset of a client key
 -- ARGV: replica id, n_rate, n_fail, ban cursor (ms, 0 = all live bans), failure window ms,
---       max_failures, ban ms, buckets, then n_rate counts, n_fail counts, n_fail client keys,
+--       max_failures, ban ms, buckets, load score (-1: not loading), load skip, page size,
+--       then n_rate counts, n_fail counts, n_fail client keys,
 --       then the admin part: known version ("" = none), max_bans, new version nonce, n_ops,
 --       then n_ops triples (kind: "ban" | "lift" | "key", network or client key, ban ms).
--- Returns: { now ms, replicas, { rate totals }, { ban members }, new cursor,
+-- Returns: { now ms, replicas, { rate totals }, { ban members }, new cursor, load score,
+--            load skip,
 --            admin version, lost (1: Redis lost the version this replica knew),
 --            { network, until ms, ... } (only when the version is not the known one),
 --            { refused networks } }
@@ -27,6 +29,10 @@ local window = tonumber(ARGV[5])
 local max_failures = tonumber(ARGV[6])
 local ban_ms = tonumber(ARGV[7])
 local buckets = tonumber(ARGV[8])
+local load_from = tonumber(ARGV[9])
+local load_skip = tonumber(ARGV[10])
+local page_size = tonumber(ARGV[11])
+local base = 11
 local replica_ttl = 5000
 local log_keep = 60000
 
@@ -38,7 +44,7 @@ redis.call('PEXPIRE', KEYS[1], replica_ttl)
 local totals = {}
 for i = 1, n_rate do
   local key = KEYS[5 + i]
-  local add = tonumber(ARGV[8 + i])
+  local add = tonumber(ARGV[base + i])
   if add > 0 then
     redis.call('HINCRBY', key, sec, add)
   end
@@ -59,17 +65,16 @@ end
 
 for i = 1, n_fail do
   local key = KEYS[5 + n_rate + i]
-  local count = tonumber(ARGV[8 + n_rate + i])
-  local client = ARGV[8 + n_rate + n_fail + i]
+  local count = tonumber(ARGV[base + n_rate + i])
+  local client = ARGV[base + n_rate + n_fail + i]
   for k = 1, count do
     redis.call('ZADD', key, now, id .. ':' .. now .. ':' .. k)
   end
   redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
   if redis.call('ZCARD', key) > max_failures then
     redis.call('DEL', key)
-    local member = client .. ' ' .. (now + ban_ms)
-    redis.call('ZADD', KEYS[2], now + ban_ms, member)
-    redis.call('ZADD', KEYS[3], now, member)
+    redis.call('ZADD', KEYS[2], 'GT', now + ban_ms, client)
+    redis.call('ZADD', KEYS[3], now, client .. ' ' .. (now + ban_ms))
     if redis.call('PTTL', KEYS[2]) < ban_ms + 1000 then
       redis.call('PEXPIRE', KEYS[2], ban_ms + 1000)
     end
@@ -80,7 +85,7 @@ for i = 1, n_fail do
 end
 
 -- Admin bans (SPEC 9), see src/cluster/admin.rs.
-local a = 8 + n_rate + 2 * n_fail
+local a = base + n_rate + 2 * n_fail
 local known = ARGV[a + 1]
 local max_bans = tonumber(ARGV[a + 2])
 local nonce = ARGV[a + 3]
@@ -117,16 +122,10 @@ for i = 0, n_ops - 1 do
       changed = true
     end
   elseif kind == 'key' then
-    -- The key's authentication-failure bans: out of the set a starting replica reads,
-    -- and into the log the others read. Keys are addresses: no glob characters.
-    local scan = '0'
-    repeat
-      local page = redis.call('ZSCAN', KEYS[2], scan, 'MATCH', target .. ' *', 'COUNT', 1000)
-      scan = page[1]
-      for j = 1, #page[2], 2 do
-        redis.call('ZREM', KEYS[2], page[2][j])
-      end
-    until scan == '0'
+    -- The key's authentication-failure ban: out of the set a starting replica reads (one
+    -- member per key: O(log N) however large an attacker grew the set), and into the log
+    -- the others read.
+    redis.call('ZREM', KEYS[2], target)
     redis.call('ZADD', KEYS[3], now, 'lift ' .. target .. ' ' .. now)
     redis.call('PEXPIRE', KEYS[3], log_keep)
   end
@@ -151,10 +150,38 @@ end
 
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - log_keep)
-local bans
+local bans = {}
 if cursor == 0 or cursor < now - log_keep then
-  bans = redis.call('ZRANGEBYSCORE', KEYS[2], now, '+inf')
+  -- A replica that starts (or was cut off too long) reads every live ban, one page per
+  -- sync (the set may be large: each sync's work stays bounded), and the log from now on.
+  load_from = now
+  load_skip = 0
 else
   bans = redis.call('ZRANGEBYSCORE', KEYS[3], cursor, '+inf')
 end
-return { now, replicas, totals, bans, now, version, lost, admin, refused }
+if load_from >= 0 then
+  -- Pages by (score, rank among equal scores): members ban at the same millisecond.
+  local page = redis.call('ZRANGEBYSCORE', KEYS[2], load_from, '+inf', 'WITHSCORES',
+    'LIMIT', load_skip, page_size)
+  for j = 1, #page, 2 do
+    bans[#bans + 1] = page[j] .. ' ' .. page[j + 1]
+  end
+  local n = #page / 2
+  if n < page_size then
+    load_from = -1
+    load_skip = 0
+  else
+    local last = tonumber(page[#page])
+    if last == load_from then
+      load_skip = load_skip + n
+    else
+      load_skip = 0
+      for j = #page, 2, -2 do
+        if tonumber(page[j]) ~= last then break end
+        load_skip = load_skip + 1
+      end
+      load_from = last
+    end
+  end
+end
+return { now, replicas, totals, bans, now, load_from, load_skip, version, lost, admin, refused }

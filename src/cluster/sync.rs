@@ -15,7 +15,7 @@ use redis::{AsyncConnectionConfig, Script};
 use tokio_util::sync::CancellationToken;
 
 use super::admin::{AdminBatch, AdminOp};
-use super::rate::BUCKETS;
+use super::rate::{BUCKETS, MAX_KEYS_PER_SYNC};
 use super::{Cluster, Enforce};
 use crate::bans::NetBan;
 use crate::error::ClusterOp;
@@ -32,8 +32,9 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const TICKET_REFRESH: Duration = Duration::from_secs(1);
 
 /// What the script returns: Redis' clock (ms), the replica count, the rate totals in batch
-/// order, the ban log members (`"<key> <until ms>"`, `"lift <key> <ms>"`), the next ban
-/// cursor, then the admin bans' version, whether Redis lost the version this replica knew,
+/// order, the ban log members (`"<key> <until ms>"`, `"lift <key> <ms>"`, and one page of
+/// the live bans while loading them), the next ban cursor, the load's position (score, -1
+/// when not loading, and rank among equal scores), then the admin bans' version, whether Redis lost the version this replica knew,
 /// the admin list (`network, until ms, ...`, only when the version changed) and the
 /// networks refused for `admin.max_bans`.
 type SyncReply = (
@@ -42,6 +43,8 @@ type SyncReply = (
     Vec<u64>,
     Vec<String>,
     i64,
+    i64,
+    u64,
     String,
     u8,
     Vec<String>,
@@ -79,6 +82,7 @@ pub async fn run(cluster: Arc<Cluster>, enforce: &impl Enforce, stop: Cancellati
         tickets_read: None,
         connection: None,
         cursor: 0,
+        load: None,
         admin_version: None,
         logged: None,
     };
@@ -122,6 +126,9 @@ struct Link<'a> {
     connection: Option<MultiplexedConnection>,
     /// Redis' time of the last ban read, 0 before the first: then all live bans are read.
     cursor: i64,
+    /// Where the read of all live bans goes on at the next sync (expiry score, rank among
+    /// equal scores), `None` when not loading. One page of [`MAX_KEYS_PER_SYNC`] per sync.
+    load: Option<(i64, u64)>,
     /// The version of the admin bans this replica's list mirrors; `None` before the first
     /// read, or after Redis lost them.
     admin_version: Option<String>,
@@ -172,10 +179,17 @@ impl Link<'_> {
             .await
     }
 
-    /// The failures to publish, at most `max_failures + 1` per key (more add nothing).
+    /// The failures to publish, at most `max_failures + 1` per key (more add nothing) and at
+    /// most [`MAX_KEYS_PER_SYNC`] keys (the others wait for the next sync).
     fn take_failures(&self) -> Vec<(IpAddr, u32)> {
         let cap = self.cluster.settings().max_failures.saturating_add(1);
-        let keys: Vec<IpAddr> = self.cluster.failures.iter().map(|e| *e.key()).collect();
+        let keys: Vec<IpAddr> = self
+            .cluster
+            .failures
+            .iter()
+            .take(MAX_KEYS_PER_SYNC)
+            .map(|e| *e.key())
+            .collect();
         keys.into_iter()
             .filter_map(|k| self.cluster.failures.remove(&k))
             .map(|(k, n)| (k, n.min(cap)))
@@ -246,7 +260,10 @@ impl Link<'_> {
             .arg(millis(s.failure_window))
             .arg(s.max_failures)
             .arg(millis(s.ban_duration).max(1))
-            .arg(BUCKETS);
+            .arg(BUCKETS)
+            .arg(self.load.map_or(-1, |(score, _)| score))
+            .arg(self.load.map_or(0, |(_, skip)| skip))
+            .arg(MAX_KEYS_PER_SYNC);
         for (_, count) in batch {
             call.arg(*count);
         }
@@ -277,9 +294,11 @@ impl Link<'_> {
         reply: SyncReply,
         enforce: &impl Enforce,
     ) {
-        let (redis_now, replicas, totals, bans, cursor, version, lost, list, refused) = reply;
+        let (redis_now, replicas, totals, bans, cursor, load, skip, version, lost, list, refused) =
+            reply;
         self.cluster.rate.apply(batch, &totals, replicas);
         self.cursor = cursor;
+        self.load = (load >= 0).then_some((load, skip));
         let now = Instant::now();
         for member in bans {
             match parse_log(&member) {
