@@ -25,7 +25,7 @@ use crate::proxy_protocol::ProxySettings;
 use crate::shutdown::Shutdown;
 use crate::tickets::Ticketer;
 use crate::tls::{TlsMaterial, TlsSettings, TlsState};
-use crate::upstream::{Resolved, Upstream};
+use crate::upstream::Upstream;
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -198,8 +198,6 @@ pub enum ReloadError {
     Tokens(#[from] crate::auth::BadDigest),
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
-    #[error(transparent)]
-    Upstream(#[from] crate::upstream::UpstreamInitError),
 }
 
 impl Gateway {
@@ -242,10 +240,11 @@ impl Gateway {
         let settings = TlsSettings::from_config(&fresh);
         let material = TlsMaterial::load(&settings, self.tls.ticketer())?;
         let tokens = TokenStore::from_entries(&fresh.auth.tokens)?;
-        let upstream = match self.service.upstream() {
-            Some(upstream) => Some((upstream, Resolved::from_config(&fresh)?)),
-            None => None,
-        };
+        // Never fails: a name that does not resolve must not hold back the rest.
+        let upstream = self
+            .service
+            .upstream()
+            .map(|upstream| (upstream, upstream.resolve(&fresh)));
         // Everything is loaded: from here on nothing fails.
         crate::metrics::cert_not_after(material.not_after);
         tracing::info!(serial = %material.serial, "serving certificate");

@@ -38,8 +38,8 @@ pub use relay::{Link, LinkEvent};
 /// A connection to an upstream server, over TCP or a Unix socket.
 pub type UpstreamStream = Either<TcpStream, UnixStream>;
 
-/// Why the upstream could not be set up (at start, or at a reload, which then changes
-/// nothing).
+/// Why the upstream could not be set up at start (a reload sets up what it can: see
+/// [`Upstream::resolve`]).
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamInitError {
     #[error("upstream.servers: {server:?} does not resolve: {source}")]
@@ -83,7 +83,8 @@ struct Generation {
 pub struct Resolved(Vec<(String, Target)>);
 
 impl Resolved {
-    /// Resolves every server of `config` (names through the system resolver, as at start).
+    /// Resolves every server of `config` (names through the system resolver): at start, a
+    /// name that does not resolve is an error.
     pub fn from_config(config: &Config) -> Result<Resolved, UpstreamInitError> {
         let servers = config.upstream.servers.iter();
         servers
@@ -138,6 +139,35 @@ impl Upstream {
         tracing::info!(servers = ?config.upstream.servers, "upstream servers for new connections");
         self.current.store(Arc::new(next));
         previous.replaced.cancel();
+    }
+
+    /// Resolves `config`'s servers for a reload. A resolver failure never fails the reload
+    /// (it would hold back a revoked token, a CRL, a denied address with it): a server the
+    /// running pool has keeps the address it resolved to before; a new one is left out
+    /// until a reload resolves it (logged; its `up` gauge reads 0).
+    pub fn resolve(&self, config: &Config) -> Resolved {
+        let current = self.current.load();
+        let mut servers = Vec::with_capacity(config.upstream.servers.len());
+        for server in &config.upstream.servers {
+            let error = match resolve(server) {
+                Ok(target) => {
+                    servers.push((server.clone(), target));
+                    continue;
+                }
+                Err(error) => error,
+            };
+            match current.pool.target_of(server) {
+                Some(target) => {
+                    tracing::warn!(%error, ?target, "upstream server does not resolve; keeping its previous address");
+                    servers.push((server.clone(), target));
+                }
+                None => {
+                    tracing::warn!(%error, "new upstream server does not resolve; left out until a reload resolves it");
+                    metrics::upstream_server_gauge(server).set(0.0);
+                }
+            }
+        }
+        Resolved(servers)
     }
 
     pub fn mode(&self) -> UpstreamMode {
@@ -240,5 +270,39 @@ fn resolve(server: &str) -> Result<Target, UpstreamInitError> {
                 .map(Target::Tcp)
                 .ok_or_else(|| resolve_err(std::io::ErrorKind::NotFound.into()))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reload_keeps_a_known_servers_address_and_leaves_out_a_new_one_that_does_not_resolve() {
+        let kept = "no-such-host.invalid:7000";
+        let before: Target = Target::Tcp("127.0.0.1:7000".parse().unwrap());
+        let mut config = Config::default();
+        config.upstream.servers = vec![kept.to_string()];
+        let servers = Resolved(vec![(kept.to_string(), before.clone())]);
+        let upstream = Upstream {
+            mode: config.upstream.mode,
+            current: ArcSwap::from_pointee(Generation::new(&config, servers, None)),
+        };
+        config.upstream.servers = vec![
+            kept.to_string(),
+            "new-host.invalid:7001".to_string(),
+            "unix:/run/app.sock".to_string(),
+        ];
+        let resolved = upstream.resolve(&config);
+        assert_eq!(
+            resolved.0,
+            [
+                (kept.to_string(), before),
+                (
+                    "unix:/run/app.sock".to_string(),
+                    Target::Unix("/run/app.sock".into())
+                ),
+            ]
+        );
     }
 }

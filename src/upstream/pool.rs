@@ -176,6 +176,12 @@ impl Pool {
         }
     }
 
+    /// Where the server configured as `label` resolved to, if this pool has it.
+    pub(super) fn target_of(&self, label: &str) -> Option<Target> {
+        let server = self.servers.iter().find(|s| s.label == label)?;
+        Some(server.target.clone())
+    }
+
     pub(super) fn any_up(&self) -> bool {
         self.servers.iter().any(|s| s.is_up())
     }
