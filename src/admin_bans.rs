@@ -27,6 +27,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::admission::AdminRefusal;
+use crate::bans::parse_net;
 use crate::cluster::admin::Sharing;
 use crate::config::MAX_DURATION;
 use crate::gateway::Gateway;
@@ -213,23 +214,23 @@ fn authorize(gateway: &Gateway, headers: &HeaderMap) -> Result<(), Refusal> {
 fn parse_request(body: &[u8]) -> Result<(IpNet, Duration), String> {
     let request: BanRequest =
         serde_json::from_slice(body).map_err(|e| format!("bad JSON body: {e}"))?;
-    let net = match request.cidr.parse::<IpNet>() {
-        Ok(net) => net,
-        Err(_) => request
-            .cidr
-            .parse::<IpAddr>()
-            .map(IpNet::from)
-            .map_err(|_| format!("cidr {:?} is not a network or an address", request.cidr))?,
-    };
+    let net = parse_net(&request.cidr)
+        .ok_or_else(|| format!("cidr {:?} is not a network or an address", request.cidr))?;
     let duration = humantime::parse_duration(&request.duration)
         .map_err(|e| format!("duration {:?}: {e} (e.g. \"1h\")", request.duration))?;
-    if duration.is_zero() || duration > MAX_DURATION {
+    if !ban_duration_valid(duration) {
         return Err(format!(
             "duration {:?} must be above 0s and at most 365 days",
             request.duration
         ));
     }
-    Ok((net.trunc(), duration))
+    Ok((net, duration))
+}
+
+/// Whether an admin ban may last that long: above 0 and at most 365 days. The same rule
+/// holds for a `POST /bans` body and for the cluster's list read from Redis.
+pub fn ban_duration_valid(duration: Duration) -> bool {
+    !duration.is_zero() && duration <= MAX_DURATION
 }
 
 /// The wall-clock time of a monotonic instant, given one `(Instant, SystemTime)` pair.

@@ -21,6 +21,17 @@ pub struct NetBan {
 #[error("{0} bans are in force already (admin.max_bans)")]
 pub struct BansFull(pub usize);
 
+/// A network as an operator (or the cluster's shared list) writes it: a CIDR or a single
+/// address, truncated to its network (`203.0.113.9/24` is `203.0.113.0/24`), so that a
+/// `DELETE` of the network always matches the ban. `None` when it is neither.
+pub fn parse_net(text: &str) -> Option<IpNet> {
+    let net = match text.parse::<IpNet>() {
+        Ok(net) => net,
+        Err(_) => IpNet::from(text.parse::<IpAddr>().ok()?),
+    };
+    Some(net.trunc())
+}
+
 /// The networks banned through the admin API.
 pub struct NetBans {
     list: ArcSwap<Vec<NetBan>>,
@@ -64,9 +75,12 @@ impl NetBans {
         })
     }
 
-    /// Replaces the whole list (the cluster's). True when it bans a network the old list
-    /// did not.
-    pub fn replace(&self, bans: Vec<NetBan>) -> bool {
+    /// Replaces the whole list (the cluster's, already validated and capped by the sync).
+    /// True when it bans a network the old list did not.
+    pub fn replace(&self, mut bans: Vec<NetBan>) -> bool {
+        for ban in &mut bans {
+            ban.net = ban.net.trunc();
+        }
         self.update(|list| {
             let now = Instant::now();
             let grew = bans.iter().any(|new| {
@@ -155,6 +169,16 @@ mod tests {
         assert!(!bans.covers("198.51.100.1".parse().unwrap()), "expired");
         bans.prune();
         assert!(bans.is_empty());
+    }
+
+    #[test]
+    fn networks_parse_truncated_and_addresses_as_single_hosts() {
+        assert_eq!(parse_net("203.0.113.9/24"), Some(net("203.0.113.0/24")));
+        assert_eq!(parse_net("2001:db8::1"), Some(net("2001:db8::1/128")));
+        assert_eq!(parse_net("192.0.2.1"), Some(net("192.0.2.1/32")));
+        for bad in ["", "nope", "10.0.0.0/33", "10.0.0.0/8 ", "2001:db8::/129"] {
+            assert_eq!(parse_net(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

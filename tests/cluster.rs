@@ -742,3 +742,55 @@ async fn lifting_a_key_stays_cheap_however_large_the_ban_set_grows() {
         .unwrap();
     assert_eq!(members, 100_000, "the key's ban alone was lifted");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_ban_list_read_from_redis_is_checked_and_capped() {
+    let certs = TestCerts::new();
+    let redis = RedisServer::start();
+    // admin.max_bans = 16 on the replica.
+    let a = admin_replica(&certs, &redis, "");
+    wait_cluster_up(&a, 1.0, Duration::from_secs(5));
+    // Whoever can write to Redis writes 40 networks, one of them not truncated, and a
+    // new version.
+    let mut connection = redis.connection().unwrap();
+    let (sec, _): (i64, i64) = redis::cmd("TIME").query(&mut connection).unwrap();
+    let until = sec * 1000 + 3_600_000;
+    let mut zadd = redis::cmd("ZADD");
+    zadd.arg("portcullis:adminbans")
+        .arg(until - 1000)
+        .arg("127.0.0.121/30");
+    for i in 0..39 {
+        zadd.arg(until).arg(format!("198.18.{i}.0/24"));
+    }
+    let _: u64 = zadd.query(&mut connection).unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("portcullis:adminbans:version")
+        .arg("999999")
+        .query(&mut connection)
+        .unwrap();
+    for key in ["portcullis:adminbans", "portcullis:adminbans:version"] {
+        let _: u8 = redis::cmd("PEXPIRE")
+            .arg(key)
+            .arg(3_600_000)
+            .query(&mut connection)
+            .unwrap();
+    }
+    wait_admission(a.addr, &certs, 121, true, SYNC + Duration::from_secs(1)).await;
+    let (_, list) = list_bans(a.admin).await;
+    assert!(list.contains(r#""key":"127.0.0.120/30""#), "{list}");
+    assert_eq!(
+        list.matches(r#""reason":"admin""#).count(),
+        16,
+        "admin.max_bans: {list}"
+    );
+    let log = a.stderr();
+    assert_eq!(
+        log.matches("more admin bans than admin.max_bans").count(),
+        1,
+        "{log}"
+    );
+    // The truncated network is what an operator lifts.
+    let (status, body) = delete_ban(a.admin, "127.0.0.120/30").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(admitted(a.addr, &certs, 121).await);
+}

@@ -40,6 +40,14 @@
 //! The set never holds more than the writer's `admin.max_bans` (a ban beyond it is refused:
 //! the request answers 507 and the ban is undone here), expired members are pruned at every
 //! sync, and both keys expire with the longest ban (at most 365 days).
+//!
+//! # What is trusted
+//!
+//! Nothing read from Redis is taken as it comes (whoever can write to Redis writes it): each
+//! network of the list passes the checks of a `POST /bans` body (a network or an address,
+//! truncated to its network; a duration above 0 and at most 365 days), and a replica keeps
+//! at most its own `admin.max_bans` of them (logged once when Redis holds more), since
+//! admission scans the list on every accept.
 
 use std::net::IpAddr;
 use std::sync::Mutex;

@@ -18,6 +18,7 @@ use super::admin::{AdminBatch, AdminOp};
 use super::rate::{BUCKETS, MAX_KEYS_PER_SYNC};
 use super::{Cluster, Enforce};
 use crate::bans::NetBan;
+use crate::config::MAX_DURATION;
 use crate::error::ClusterOp;
 use crate::tickets::KEY_LEN;
 
@@ -85,6 +86,7 @@ pub async fn run(cluster: Arc<Cluster>, enforce: &impl Enforce, stop: Cancellati
         load: None,
         admin_version: None,
         logged: None,
+        admin_over_cap: false,
     };
     let mut backoff = BACKOFF_MIN;
     let mut tick = tokio::time::interval(cluster.settings().sync_interval);
@@ -134,6 +136,8 @@ struct Link<'a> {
     admin_version: Option<String>,
     /// The state last logged, so each change is logged once.
     logged: Option<bool>,
+    /// Whether the last admin list read was over `admin.max_bans` (logged once).
+    admin_over_cap: bool,
 }
 
 impl Link<'_> {
@@ -349,11 +353,27 @@ impl Link<'_> {
         }
         let fresh = if self.admin_version.as_deref() != Some(version.as_str()) {
             self.admin_version = Some(version);
-            Some(parse_admin_list(&list, redis_now, now))
+            let max = self.cluster.settings().max_bans;
+            let (list, over) = parse_admin_list(&list, redis_now, now, max);
+            self.log_over_cap(over, max);
+            Some(list)
         } else {
             None
         };
         self.cluster.admin.settle(admin, &refused, fresh, enforce);
+    }
+
+    /// Logs once (until the list fits again) that Redis held more admin bans than this
+    /// replica keeps.
+    fn log_over_cap(&mut self, over: usize, max: usize) {
+        if over > 0 && !self.admin_over_cap {
+            tracing::warn!(
+                left_out = over,
+                max_bans = max,
+                "cluster: Redis holds more admin bans than admin.max_bans; this replica keeps the first"
+            );
+        }
+        self.admin_over_cap = over > 0;
     }
 
     /// Records whether Redis answers; logs and exports each change once.
@@ -407,25 +427,61 @@ fn parse_log(member: &str) -> Option<Logged> {
     Some(Logged::Ban(key.parse().ok()?, until.parse().ok()?))
 }
 
-/// The local instant of `until` (Redis' clock, ms), or `None` if it has passed. Saturates:
-/// the value comes from Redis, and a corrupt entry must not overflow the instant.
+/// The local instant of `until` (Redis' clock, ms), or `None` if it has passed. Untrusted:
+/// the value comes from Redis, so a corrupt entry bans for at most 365 days.
 fn local_instant(until: i64, redis_now: i64, now: Instant) -> Option<Instant> {
     let left = until.saturating_sub(redis_now);
-    (left > 0).then(|| crate::deadline::after(now, Duration::from_millis(left as u64)))
+    let left = Duration::from_millis(u64::try_from(left).ok()?).min(MAX_DURATION);
+    (!left.is_zero()).then(|| crate::deadline::after(now, left))
 }
 
-/// The admin list as the script returns it: network, until (ms), and so on. Malformed or
-/// expired entries are left out.
-fn parse_admin_list(flat: &[String], redis_now: i64, now: Instant) -> Vec<NetBan> {
-    flat.chunks_exact(2)
-        .filter_map(|pair| {
-            let net = pair[0].parse().ok()?;
-            // Redis renders a score as a double.
-            let until = pair[1].parse::<f64>().ok()? as i64;
-            let until = local_instant(until, redis_now, now)?;
-            Some(NetBan { net, until })
-        })
-        .collect()
+/// The admin list as the script returns it: network, until (ms), and so on. Untrusted
+/// input (whoever can write to Redis writes it): each entry passes the checks a `POST
+/// /bans` body passes (a network or an address, stored truncated; a duration above 0 and
+/// at most 365 days), others are left out, as are expired ones, and at most `max` are
+/// kept (this replica's `admin.max_bans`, which bounds what admission scans on every
+/// accept). Returns the list and how many valid entries were left out beyond `max`.
+fn parse_admin_list(
+    flat: &[String],
+    redis_now: i64,
+    now: Instant,
+    max: usize,
+) -> (Vec<NetBan>, usize) {
+    let mut list: Vec<NetBan> = Vec::with_capacity((flat.len() / 2).min(max));
+    let mut over = 0;
+    for pair in flat.chunks_exact(2) {
+        let Some(ban) = parse_admin_entry(&pair[0], &pair[1], redis_now, now) else {
+            continue;
+        };
+        if list.iter().any(|b| b.net == ban.net) {
+            continue;
+        }
+        if list.len() < max {
+            list.push(ban);
+        } else {
+            over += 1;
+        }
+    }
+    (list, over)
+}
+
+/// One entry of the admin list, or `None` when it is malformed, expired or too long.
+fn parse_admin_entry(net: &str, until: &str, redis_now: i64, now: Instant) -> Option<NetBan> {
+    let net = crate::bans::parse_net(net)?;
+    // Redis renders a score as a double.
+    let until = until.parse::<f64>().ok()?;
+    if !until.is_finite() {
+        return None;
+    }
+    let left = (until as i64).saturating_sub(redis_now);
+    let left = Duration::from_millis(u64::try_from(left).ok()?);
+    if !crate::admin_bans::ban_duration_valid(left) {
+        return None;
+    }
+    Some(NetBan {
+        net,
+        until: crate::deadline::after(now, left),
+    })
 }
 
 /// The script's arguments for admin changes: kind, target, milliseconds left. A ban that
@@ -483,9 +539,37 @@ mod tests {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        let list = parse_admin_list(&flat, 1000, now);
+        let (list, over) = parse_admin_list(&flat, 1000, now, 8);
         assert_eq!(list.len(), 1, "malformed and expired entries are left out");
+        assert_eq!(over, 0);
         assert_eq!(list[0].net, "192.0.2.0/24".parse::<ipnet::IpNet>().unwrap());
         assert_eq!(list[0].until, now + Duration::from_millis(500));
+    }
+
+    #[test]
+    fn the_admin_list_from_redis_is_checked_like_a_post_body_and_capped() {
+        let now = Instant::now();
+        let year = 365 * 86_400 * 1000_i64;
+        let flat: Vec<String> = [
+            ("192.0.2.9/24", 2000_i64.to_string()),
+            ("192.0.2.0/24", 3000.to_string()),
+            ("198.51.100.7", 2000.to_string()),
+            ("203.0.113.0/24", (1000 + year + 1).to_string()),
+            ("2001:db8::/32", "inf".to_string()),
+            ("2001:db8::/48", "nan".to_string()),
+            ("10.0.0.0/8", 2000.to_string()),
+            ("10.1.0.0/16", 2000.to_string()),
+        ]
+        .iter()
+        .flat_map(|(n, u)| [n.to_string(), u.clone()])
+        .collect();
+        let (list, over) = parse_admin_list(&flat, 1000, now, 3);
+        let nets: Vec<String> = list.iter().map(|b| b.net.to_string()).collect();
+        assert_eq!(
+            nets,
+            ["192.0.2.0/24", "198.51.100.7/32", "10.0.0.0/8"],
+            "truncated, deduplicated, durations of at most 365 days, the first 3"
+        );
+        assert_eq!(over, 1);
     }
 }
