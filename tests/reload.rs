@@ -590,6 +590,67 @@ async fn a_kept_server_keeps_its_health_and_its_connections_across_a_reload() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolled_back_server_comes_back_with_its_connections_and_its_health() {
+    let certs = TestCerts::new();
+    let dead: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut a = upstream::MockUpstream::start().await;
+    let b = upstream::MockUpstream::start().await;
+    let settings = "balance = \"round_robin\"\nmax_connections_per_server = 1\n\
+                    health_interval = \"0s\"\nfall = 1\n";
+    let gateway = Process::gateway(&certs, &upstream_section(&[dead, a.addr], settings));
+    // The dead server falls; A holds its one connection of one.
+    let mut held = Client::authed(gateway.addr, &certs).await;
+    let (mut conn_a, _) = next_relayed(&mut a).await;
+    // An operator switches to B, then rolls back.
+    reload_with(
+        &gateway,
+        &certs,
+        &upstream_section(&[b.addr], settings),
+        "ok",
+        1.0,
+    )
+    .await;
+    reload_with(
+        &gateway,
+        &certs,
+        &upstream_section(&[dead, a.addr], settings),
+        "ok",
+        2.0,
+    )
+    .await;
+    let scrape = http_get(gateway.admin, "/metrics").unwrap().1;
+    assert_eq!(
+        server_up(&scrape, dead),
+        0.0,
+        "still down after the rollback"
+    );
+    assert_eq!(server_up(&scrape, a.addr), 1.0);
+    let mut second = Client::connect(gateway.addr, &certs).await;
+    assert_eq!(
+        second.request_line(&format!("AUTH {ALICE_TOKEN}")).await,
+        "OK alice"
+    );
+    assert!(second
+        .read_line()
+        .await
+        .starts_with("ERR UPSTREAM_UNAVAILABLE"));
+    assert_eq!(
+        a.accepts(),
+        1,
+        "max_connections_per_server held across both reloads"
+    );
+    let scrape = http_get(gateway.admin, "/metrics").unwrap().1;
+    let failed = "portcullis_upstream_errors_total{reason=\"connect_failed\"}";
+    assert_eq!(
+        sample(&scrape, failed),
+        1.0,
+        "the down server was not tried again"
+    );
+    conn_a.write_frame(b"a still relays").await;
+    assert_eq!(held.read_line().await, "a still relays");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_name_that_does_not_resolve_holds_back_no_revocation() {
     let certs = TestCerts::new();
     let mut a = upstream::MockUpstream::start().await;

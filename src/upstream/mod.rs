@@ -31,7 +31,7 @@ use crate::config::{Config, SendProxy, ServerAddress, UpstreamMode};
 use crate::error::UpstreamError;
 use crate::metrics::{self, ConnectResult};
 pub use pool::Target;
-use pool::{Pool, PoolSettings, Server};
+use pool::{Pool, PoolSettings, Registry, Server};
 pub use proxy_header::ClientInfo;
 pub use relay::{Link, LinkEvent};
 
@@ -62,6 +62,8 @@ pub struct Upstream {
     mode: UpstreamMode,
     /// The servers and settings of the configuration in force, swapped whole by a reload.
     current: ArcSwap<Generation>,
+    /// Every server still alive, for a reload to carry it over.
+    registry: Registry,
 }
 
 /// `[upstream]` as one configuration has it. An upstream connection keeps the generation
@@ -88,14 +90,14 @@ impl Resolved {
     pub fn from_config(config: &Config) -> Result<Resolved, UpstreamInitError> {
         let servers = config.upstream.servers.iter();
         servers
-            .map(|server| Ok((server.clone(), resolve(server)?)))
+            .map(|server| Ok((server.clone(), resolve(server, None)?)))
             .collect::<Result<_, _>>()
             .map(Resolved)
     }
 }
 
 impl Generation {
-    fn new(config: &Config, servers: Resolved, previous: Option<&Generation>) -> Generation {
+    fn new(config: &Config, servers: Resolved, registry: &Registry) -> Generation {
         let u = &config.upstream;
         let settings = PoolSettings {
             balance: u.balance,
@@ -104,7 +106,7 @@ impl Generation {
             fall: u.fall,
             passive_only: u.health_interval.is_zero(),
         };
-        let pool = Pool::new(servers.0, settings, previous.map(|p| &*p.pool));
+        let pool = Pool::new(servers.0, settings, registry);
         Generation {
             pool: Arc::new(pool),
             connect_timeout: u.connect_timeout,
@@ -123,10 +125,12 @@ impl Upstream {
         if config.upstream.servers.is_empty() {
             return Ok(None);
         }
-        let generation = Generation::new(config, Resolved::from_config(config)?, None);
+        let registry = Registry::default();
+        let generation = Generation::new(config, Resolved::from_config(config)?, &registry);
         Ok(Some(Upstream {
             mode: config.upstream.mode,
             current: ArcSwap::from_pointee(generation),
+            registry,
         }))
     }
 
@@ -135,8 +139,9 @@ impl Upstream {
     /// caller has kept `mode` and whether any server is configured as they were.
     pub fn reconfigure(&self, config: &Config, servers: Resolved) {
         let previous = self.current.load_full();
-        let next = Generation::new(config, servers, Some(&previous));
+        let next = Generation::new(config, servers, &self.registry);
         tracing::info!(servers = ?config.upstream.servers, "upstream servers for new connections");
+        previous.pool.retire_removed(&next.pool, &self.registry);
         self.current.store(Arc::new(next));
         previous.replaced.cancel();
     }
@@ -149,14 +154,15 @@ impl Upstream {
         let current = self.current.load();
         let mut servers = Vec::with_capacity(config.upstream.servers.len());
         for server in &config.upstream.servers {
-            let error = match resolve(server) {
+            let previous = current.pool.target_of(server);
+            let error = match resolve(server, previous.as_ref()) {
                 Ok(target) => {
                     servers.push((server.clone(), target));
                     continue;
                 }
                 Err(error) => error,
             };
-            match current.pool.target_of(server) {
+            match previous {
                 Some(target) => {
                     tracing::warn!(%error, ?target, "upstream server does not resolve; keeping its previous address");
                     servers.push((server.clone(), target));
@@ -254,8 +260,11 @@ async fn connect_target(target: &Target) -> std::io::Result<UpstreamStream> {
     })
 }
 
-/// Resolves a configured server address (at start and at each reload).
-fn resolve(server: &str) -> Result<Target, UpstreamInitError> {
+/// Resolves a configured server address (at start and at each reload) to its first
+/// address, or to `prefer` while the name still lists it: round-robin DNS may list its
+/// addresses in another order each time, and staying on the same one keeps the server
+/// (its health, its count of open connections) across reloads.
+fn resolve(server: &str, prefer: Option<&Target>) -> Result<Target, UpstreamInitError> {
     match ServerAddress::parse(server).map_err(UpstreamInitError::Invalid)? {
         ServerAddress::Unix(path) => Ok(Target::Unix(path)),
         ServerAddress::Tcp { host, port } => {
@@ -263,14 +272,25 @@ fn resolve(server: &str) -> Result<Target, UpstreamInitError> {
                 server: server.to_string(),
                 source,
             };
-            (host.as_str(), port)
+            let addrs = (host.as_str(), port)
                 .to_socket_addrs()
-                .map_err(resolve_err)?
-                .next()
-                .map(Target::Tcp)
+                .map_err(resolve_err)?;
+            choose(addrs.map(Target::Tcp), prefer)
                 .ok_or_else(|| resolve_err(std::io::ErrorKind::NotFound.into()))
         }
     }
+}
+
+/// `prefer` if `targets` has it, else the first of them.
+fn choose(mut targets: impl Iterator<Item = Target>, prefer: Option<&Target>) -> Option<Target> {
+    let first = targets.next()?;
+    let Some(prefer) = prefer else {
+        return Some(first);
+    };
+    if first == *prefer || targets.any(|t| t == *prefer) {
+        return Some(prefer.clone());
+    }
+    Some(first)
 }
 
 #[cfg(test)]
@@ -284,9 +304,11 @@ mod tests {
         let mut config = Config::default();
         config.upstream.servers = vec![kept.to_string()];
         let servers = Resolved(vec![(kept.to_string(), before.clone())]);
+        let registry = Registry::default();
         let upstream = Upstream {
             mode: config.upstream.mode,
-            current: ArcSwap::from_pointee(Generation::new(&config, servers, None)),
+            current: ArcSwap::from_pointee(Generation::new(&config, servers, &registry)),
+            registry,
         };
         config.upstream.servers = vec![
             kept.to_string(),
@@ -304,5 +326,15 @@ mod tests {
                 ),
             ]
         );
+    }
+
+    #[test]
+    fn a_name_listing_several_addresses_stays_on_the_one_it_had() {
+        let t = |port: u16| Target::Tcp(([127, 0, 0, 1], port).into());
+        let listed = || [t(1), t(2), t(3)].into_iter();
+        assert_eq!(choose(listed(), None), Some(t(1)));
+        assert_eq!(choose(listed(), Some(&t(3))), Some(t(3)));
+        assert_eq!(choose(listed(), Some(&t(9))), Some(t(1)), "gone: the first");
+        assert_eq!(choose(std::iter::empty(), Some(&t(1))), None);
     }
 }

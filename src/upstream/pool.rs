@@ -1,17 +1,21 @@
 //! The configured servers, their health (rise/fall) and the choice of a server by
 //! `balance` among those up.
 //!
-//! A reload builds a new [`Pool`] from the new `[upstream]`; a server the old pool also had
-//! (the same configured address, resolved to the same place) is carried over as the same
-//! [`Server`], with its up/down state and its count of open connections, so that a reload
-//! neither resets health nor lets `max_connections_per_server` be passed. A server the new
-//! pool drops is retired: its open connections go on (their [`ServerSlot`] holds it), but it
-//! is never chosen again, its checks stop, and its `up` gauge reads 0.
+//! A reload builds a new [`Pool`] from the new `[upstream]`; a server still alive (the same
+//! configured address, resolved to the same place) is carried over as the same [`Server`],
+//! with its up/down state and its count of open connections, so that a reload neither
+//! resets health nor lets `max_connections_per_server` be passed. A server the new pool
+//! drops is retired: its open connections go on (their [`ServerSlot`] holds it), but it is
+//! never chosen again, its checks stop, and its `up` gauge reads 0. The [`Registry`]
+//! remembers it while a connection holds it, and until the next reload in any case, so that
+//! a later reload listing it again (an operator rolling back) brings back that same server,
+//! not a fresh one with no connections and no failures.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -23,7 +27,7 @@ use crate::config::Balance;
 pub(super) const PASSIVE_RETRY: Duration = Duration::from_secs(10);
 
 /// Where a server listens, resolved.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Target {
     Tcp(SocketAddr),
     Unix(PathBuf),
@@ -53,8 +57,9 @@ struct Health {
     failures: u32,
     /// Passive mode: when a down server may be tried again.
     retry_at: Instant,
-    /// A reload removed it: what its last connects and checks find no longer counts (nor
-    /// shows in the gauge, which a server of the same address may own now).
+    /// A reload removed it: it is not chosen, and what its last connects and checks find
+    /// no longer counts (nor shows in the gauge, which a server of the same address may
+    /// own now). `up` keeps the state it was retired in, for a reload that lists it again.
     retired: bool,
 }
 
@@ -79,15 +84,56 @@ impl Server {
     }
 
     fn is_up(&self) -> bool {
-        self.health.lock().map(|h| h.up).unwrap_or(false)
+        self.health
+            .lock()
+            .map(|h| h.up && !h.retired)
+            .unwrap_or(false)
     }
 
-    /// Taken out of service by a reload: never chosen again, its gauge reads 0.
-    fn retire(&self) {
+    /// Taken out of service by a reload: not chosen while retired. Its gauge reads 0
+    /// unless `label_kept` (the new pool has a server of the same address, which owns it).
+    fn retire(&self, label_kept: bool) {
         let mut health = self.health.lock().unwrap_or_else(|e| e.into_inner());
         health.retired = true;
-        health.up = false;
-        self.up_gauge.set(0.0);
+        if !label_kept {
+            self.up_gauge.set(0.0);
+        }
+    }
+
+    /// Listed again by a reload: back in service in the state it was retired in.
+    fn reinstate(&self) {
+        let mut health = self.health.lock().unwrap_or_else(|e| e.into_inner());
+        health.retired = false;
+        self.up_gauge.set(if health.up { 1.0 } else { 0.0 });
+    }
+}
+
+/// Every server still alive (in a pool, or retired with connections still open), by
+/// configured address and resolved target. Bounded: an entry goes with the last
+/// reference to its server, and dead entries are dropped at each reload.
+#[derive(Default)]
+pub(super) struct Registry {
+    servers: Mutex<HashMap<(String, Target), Weak<Server>>>,
+    /// The servers the last reload retired, kept alive until the next one, so that a
+    /// rollback finds a down server down even when no connection held it.
+    just_retired: Mutex<Vec<Arc<Server>>>,
+}
+
+impl Registry {
+    /// The live server for `label` at `target`, back in service, or a new one.
+    fn server(
+        map: &mut HashMap<(String, Target), Weak<Server>>,
+        label: String,
+        target: Target,
+    ) -> Arc<Server> {
+        let key = (label, target);
+        if let Some(server) = map.get(&key).and_then(Weak::upgrade) {
+            server.reinstate();
+            return server;
+        }
+        let server = Arc::new(Server::new(key.0.clone(), key.1.clone()));
+        map.insert(key, Arc::downgrade(&server));
+        server
     }
 }
 
@@ -139,31 +185,19 @@ impl ServerSlot {
 }
 
 impl Pool {
-    /// The pool of `servers` (configured address, resolved target). Those `previous` also
-    /// had are carried over with their health and open connections; the rest of
-    /// `previous` is retired first, so that a server re-created under the same address
-    /// owns its gauge from then on.
+    /// The pool of `servers` (configured address, resolved target). A server `registry`
+    /// still has alive (in the running pool, or retired with connections open) is carried
+    /// over with its health and open connections; the others are new, and start up.
     pub(super) fn new(
         servers: Vec<(String, Target)>,
         settings: PoolSettings,
-        previous: Option<&Pool>,
+        registry: &Registry,
     ) -> Pool {
-        let old = previous.map_or(&[][..], |p| p.servers.as_slice());
-        let same =
-            |s: &Server, label: &str, target: &Target| s.label == label && s.target == *target;
-        for server in old {
-            if !servers.iter().any(|(l, t)| same(server, l, t)) {
-                server.retire();
-            }
-        }
+        let mut map = registry.servers.lock().unwrap_or_else(|e| e.into_inner());
+        map.retain(|_, server| server.strong_count() > 0);
         let servers = servers
             .into_iter()
-            .map(|(label, target)| {
-                old.iter()
-                    .find(|s| same(s, &label, &target))
-                    .cloned()
-                    .unwrap_or_else(|| Arc::new(Server::new(label, target)))
-            })
+            .map(|(label, target)| Registry::server(&mut map, label, target))
             .collect();
         Pool {
             servers,
@@ -174,6 +208,23 @@ impl Pool {
             passive_only: settings.passive_only,
             next: AtomicUsize::new(0),
         }
+    }
+
+    /// Retires the servers of this pool that `next` no longer has; `registry` keeps them
+    /// until the next reload.
+    pub(super) fn retire_removed(&self, next: &Pool, registry: &Registry) {
+        let mut retired = Vec::new();
+        for server in &self.servers {
+            if !next.servers.iter().any(|s| Arc::ptr_eq(s, server)) {
+                let label_kept = next.servers.iter().any(|s| s.label == server.label);
+                server.retire(label_kept);
+                retired.push(server.clone());
+            }
+        }
+        *registry
+            .just_retired
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = retired;
     }
 
     /// Where the server configured as `label` resolved to, if this pool has it.
@@ -307,7 +358,7 @@ mod tests {
                 fall: 3,
                 passive_only,
             },
-            None,
+            &Registry::default(),
         ))
     }
 
@@ -392,7 +443,8 @@ mod tests {
 
     #[test]
     fn a_reload_keeps_a_kept_servers_health_and_connections_and_retires_the_rest() {
-        let old = Pool::new(vec![tcp(7000), tcp(7001)], settings(1, 1), None);
+        let registry = Registry::default();
+        let old = Pool::new(vec![tcp(7000), tcp(7001)], settings(1, 1), &registry);
         let held = old.pick(None).unwrap();
         let kept = held.index();
         let gone = 1 - kept;
@@ -407,7 +459,8 @@ mod tests {
             ),
             tcp(7002),
         ];
-        let new = Pool::new(servers, settings(1, 5), Some(&old));
+        let new = Pool::new(servers, settings(1, 5), &registry);
+        old.retire_removed(&new, &registry);
         assert!(Arc::ptr_eq(&new.servers[0], &old.servers[kept]));
         assert!(!new.servers[0].is_up(), "still down: one success of rise 2");
         new.record(&new.servers[0], true);
@@ -432,12 +485,51 @@ mod tests {
 
     #[test]
     fn the_same_address_resolved_elsewhere_is_a_new_server() {
-        let old = Pool::new(vec![tcp(7000)], settings(1, 1), None);
+        let registry = Registry::default();
+        let old = Pool::new(vec![tcp(7000)], settings(1, 1), &registry);
         old.record(&old.servers[0], false);
         let label = old.servers[0].label.clone();
         let elsewhere = Target::Tcp("127.0.0.2:7000".parse().unwrap());
-        let new = Pool::new(vec![(label, elsewhere)], settings(1, 1), Some(&old));
+        let new = Pool::new(vec![(label, elsewhere)], settings(1, 1), &registry);
         assert!(!Arc::ptr_eq(&new.servers[0], &old.servers[0]));
         assert!(new.servers[0].is_up());
+    }
+
+    #[test]
+    fn a_server_listed_again_comes_back_with_its_connections_and_its_health() {
+        let registry = Registry::default();
+        let x = Pool::new(vec![tcp(7000), tcp(7001)], settings(1, 1), &registry);
+        let held = x.pick(None).unwrap();
+        let (open, down) = (held.index(), 1 - held.index());
+        x.record(&x.servers[down], false);
+        let y = Pool::new(vec![tcp(7002)], settings(1, 1), &registry);
+        x.retire_removed(&y, &registry);
+        assert!(!x.servers[open].is_up(), "retired: not chosen");
+        let back = Pool::new(vec![tcp(7000), tcp(7001)], settings(1, 1), &registry);
+        y.retire_removed(&back, &registry);
+        assert!(Arc::ptr_eq(&back.servers[open], &x.servers[open]));
+        assert!(back.servers[open].is_up(), "back in service");
+        assert!(!back.servers[down].is_up(), "a down server stays down");
+        assert!(
+            back.pick(None).is_none(),
+            "the open connection still counts against max_connections_per_server"
+        );
+        drop((held, x));
+        // Even with no connection on it, the down server is still down at a rollback.
+        let z = Pool::new(vec![tcp(7003)], settings(1, 1), &registry);
+        back.retire_removed(&z, &registry);
+        drop(back);
+        let again = Pool::new(vec![tcp(7000 + down as u16)], settings(1, 1), &registry);
+        assert!(!again.servers[0].is_up(), "a down server stays down");
+        z.retire_removed(&again, &registry);
+        drop((y, z, again));
+        // Neither a connection nor the last reload holds it any more: it is forgotten.
+        let fresh = Pool::new(vec![tcp(7000 + open as u16)], settings(1, 1), &registry);
+        assert!(fresh.servers[0].is_up(), "a new server");
+        let alive = registry.servers.lock().unwrap().len();
+        assert_eq!(
+            alive, 2,
+            "the fresh one and the one the last reload retired"
+        );
     }
 }
