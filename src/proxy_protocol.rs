@@ -249,11 +249,10 @@ impl Rewind {
         &self.inner
     }
 
-    /// The client's port: the trusted PROXY header's source port, else the socket's.
-    pub fn client_port(&self) -> u16 {
-        self.source_port
-            .or_else(|| self.inner.peer_addr().ok().map(|a| a.port()))
-            .unwrap_or(0)
+    /// The client's port: the trusted PROXY header's source port, else `socket_port` (the
+    /// peer port `accept` returned: asking the socket again would cost a syscall).
+    pub fn client_port(&self, socket_port: u16) -> u16 {
+        self.source_port.unwrap_or(socket_port)
     }
 
     /// Copies the first bytes the peer sent into `buf` without consuming them; waits for at

@@ -10,7 +10,7 @@ use std::task::{ready, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use governor::{DefaultDirectRateLimiter, RateLimiter};
+use governor::DefaultDirectRateLimiter;
 use rustls_pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -49,6 +49,8 @@ pub const TLS_SEND_BUFFER: usize = 16 * 1024 + 64;
 pub struct Accepted {
     stream: TcpStream,
     socket_ip: IpAddr,
+    /// The peer's port as `accept` returned it.
+    socket_port: u16,
     /// Its place under `max_connections`, held for its whole life.
     _connection: ConnectionGuard,
     /// Already admitted as a client, unless a trusted balancer's PROXY header must be read
@@ -101,6 +103,7 @@ pub fn accept(stream: TcpStream, peer: SocketAddr, gateway: &Gateway) -> Option<
     Some(Accepted {
         stream,
         socket_ip,
+        socket_port: peer.port(),
         _connection: connection,
         client,
         rules_changed,
@@ -149,6 +152,7 @@ async fn open(accepted: Accepted, gateway: Arc<Gateway>) -> Option<(Session, Can
     let Accepted {
         stream,
         socket_ip,
+        socket_port,
         _connection,
         client,
         rules_changed,
@@ -177,15 +181,15 @@ async fn open(accepted: Accepted, gateway: Arc<Gateway>) -> Option<(Session, Can
     };
     let ip = client.ip;
     let started = Instant::now();
-    // What the upstream is told: the client address and the address it connected to.
-    let peer = SocketAddr::new(ip, io.client_port());
-    let local = io.tcp().local_addr().ok();
+    // What the upstream is told: the client address (the gateway address the client
+    // connected to is asked for only when an upstream is connected).
+    let peer = SocketAddr::new(ip, io.client_port(socket_port));
     let handshake = handshake(io, ip, &client.guard, &gateway).await;
     let guards = Guards {
         client: client.guard,
         _connection,
     };
-    match Session::start(handshake, gateway, guards, peer, local, started) {
+    match Session::start(handshake, gateway, guards, peer, started) {
         Ok(session) => Some((session, rules_changed)),
         Err(Some(reason)) => {
             closed(ip, reason);
@@ -225,10 +229,8 @@ struct Session {
     gateway: Arc<Gateway>,
     /// The normalised client address: what WHOAMI shows and limits key on.
     ip: IpAddr,
-    /// The client address with its port, and the gateway address it connected to: the
-    /// upstream's PROXY header.
+    /// The client address with its port: the upstream's PROXY header.
     peer: SocketAddr,
-    local: SocketAddr,
     /// Its places under the caps; `guards.client.banned` is cancelled when the client's key
     /// is banned.
     guards: Guards,
@@ -281,7 +283,6 @@ impl Session {
         gateway: Arc<Gateway>,
         guards: Guards,
         peer: SocketAddr,
-        local: Option<SocketAddr>,
         started: Instant,
     ) -> Result<Self, Option<CloseReason>> {
         let ip = peer.ip();
@@ -312,18 +313,17 @@ impl Session {
         if principal.is_some() || config.auth.mode == AuthMode::None {
             codec.authenticated();
         }
+        let command_rate = gateway
+            .admission
+            .command_limiter(limits.commands_per_second, limits.commands_burst);
         Ok(Session {
             stream: tls,
             gateway,
             ip,
             peer,
-            local: local.unwrap_or(config.server.listen),
             guards,
             started,
-            command_rate: RateLimiter::direct(crate::admission::per_second(
-                limits.commands_per_second,
-                limits.commands_burst,
-            )),
+            command_rate,
             principal,
             tls_version,
             cipher,
@@ -629,14 +629,12 @@ impl Session {
             return Some(reason);
         }
         let framing = self.codec.framing().unwrap_or(Framing::Text);
-        let (_, conn) = self.stream.get_ref();
-        let client = ClientInfo::from_tls(
-            conn,
-            self.peer,
-            self.local,
-            self.principal.as_ref(),
-            framing,
-        );
+        let (io, conn) = self.stream.get_ref();
+        // The gateway address the client connected to, for the upstream's PROXY header:
+        // asked here, not at accept, so that a connection that never reaches an upstream
+        // does not pay the syscall.
+        let local = io.tcp().local_addr().unwrap_or(self.config.server.listen);
+        let client = ClientInfo::from_tls(conn, self.peer, local, self.principal.as_ref(), framing);
         // The connect may take up to twice `connect_timeout`: a ban or the end of the drain
         // does not wait for it.
         let opened = tokio::select! {
