@@ -765,7 +765,7 @@ async fn the_admin_ban_list_read_from_redis_is_checked_and_capped() {
     let _: u64 = zadd.query(&mut connection).unwrap();
     let _: () = redis::cmd("SET")
         .arg("portcullis:adminbans:version")
-        .arg("999999")
+        .arg("999999 test")
         .query(&mut connection)
         .unwrap();
     for key in ["portcullis:adminbans", "portcullis:adminbans:version"] {
@@ -793,4 +793,74 @@ async fn the_admin_ban_list_read_from_redis_is_checked_and_capped() {
     let (status, body) = delete_ban(a.admin, "127.0.0.120/30").await;
     assert_eq!(status, 200, "{body}");
     assert!(admitted(a.addr, &certs, 121).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_gone_back_in_time_does_not_roll_the_admin_bans_back() {
+    let certs = TestCerts::new();
+    let redis = RedisServer::start();
+    let a = admin_replica(&certs, &redis, "");
+    let b = admin_replica(&certs, &redis, "");
+    wait_cluster_up(&a, 1.0, Duration::from_secs(5));
+    wait_cluster_up(&b, 1.0, Duration::from_secs(5));
+    let limit = SYNC + Duration::from_secs(1);
+    let version = "portcullis:adminbans:version";
+    let mut connection = redis.connection().unwrap();
+    assert_eq!(
+        post_ban(a.admin, r#"{"cidr": "127.0.0.131/32", "duration": "1h"}"#)
+            .await
+            .0,
+        201
+    );
+    let snapshot: String = redis::cmd("GET")
+        .arg(version)
+        .query(&mut connection)
+        .unwrap();
+    assert_eq!(
+        post_ban(a.admin, r#"{"cidr": "127.0.0.132/32", "duration": "1h"}"#)
+            .await
+            .0,
+        201
+    );
+    for p in [&a, &b] {
+        wait_admission(p.addr, &certs, 132, true, limit).await;
+    }
+
+    // Redis as restored from the snapshot taken between the two bans.
+    let _: u8 = redis::cmd("ZREM")
+        .arg("portcullis:adminbans")
+        .arg("127.0.0.132/32")
+        .query(&mut connection)
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(version)
+        .arg(&snapshot)
+        .arg("KEEPTTL")
+        .query(&mut connection)
+        .unwrap();
+
+    // The replicas notice, log it and publish the ban again: it holds everywhere, and on a
+    // replica started afterwards.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let newer: String = redis::cmd("GET")
+            .arg(version)
+            .query(&mut connection)
+            .unwrap();
+        if newer != snapshot {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no replica republished");
+        tokio::time::sleep(SYNC).await;
+    }
+    tokio::time::sleep(SYNC * 5).await;
+    for p in [&a, &b] {
+        assert!(!admitted(p.addr, &certs, 132).await, "{}", p.stderr());
+        assert!(!admitted(p.addr, &certs, 131).await);
+    }
+    let log = format!("{}{}", a.stderr(), b.stderr());
+    assert!(log.contains("rolled back the admin bans"), "{log}");
+    let c = admin_replica(&certs, &redis, "");
+    wait_cluster_up(&c, 1.0, Duration::from_secs(5));
+    wait_admission(c.addr, &certs, 132, true, limit).await;
 }

@@ -4,7 +4,9 @@
 //! # The model
 //!
 //! Redis holds the cluster's admin bans: one sorted set (member: the network, score: its
-//! expiry on Redis' clock) and a *version*, a random nonce replaced at every change. Each
+//! expiry on Redis' clock) and a *version*, `"<counter> <nonce>"`, whose counter grows at
+//! every change (above the highest the writing replica has seen) and whose nonce tells two
+//! histories apart. Each
 //! replica's list (the one admission reads) mirrors that set: the sync script, in the same
 //! call and round trip as the rest of the sync, applies this replica's queued changes and
 //! returns the whole set only when the version differs from the one this replica last saw,
@@ -29,9 +31,13 @@
 //! rather than made here alone: the cluster's list, read when Redis is back, would undo it.
 //!
 //! If Redis comes back *empty* (restarted without persistence), the version is gone while
-//! replicas still hold bans: the script reports it and applies none of that sync's
-//! changes, and each such replica publishes every admin ban it holds (then its queued
-//! changes) at its next sync, so the bans survive a Redis restart. The version
+//! replicas still hold bans; if it comes back *stale* (restarted from an older snapshot, or
+//! failed over to a lagging replica), the version is older than (or beside) the one the
+//! replicas saw. Either way the script reports it (logged once per event) and applies none
+//! of that sync's changes, and each such replica publishes every admin ban it holds (then
+//! its queued changes) at its next sync under a higher version, so the bans survive a Redis
+//! restart and bans made since the snapshot do not silently disappear. (Republishing adds:
+//! a ban lifted since the snapshot comes back until lifted again.) The version
 //! key lives as long as the longest ban it ever covered (never longer), so it is absent
 //! only when Redis lost it or when every ban it covered has expired anyway.
 //!
@@ -200,6 +206,14 @@ pub struct AdminBatch {
     reseed: bool,
 }
 
+impl AdminBatch {
+    /// Whether the batch republishes every ban held here (then Redis takes it whatever its
+    /// version).
+    pub fn republishes(&self) -> bool {
+        self.reseed
+    }
+}
+
 /// How this replica's admission list is read and written by the sync.
 pub trait AdminBans {
     /// The admin bans in force here.
@@ -323,7 +337,8 @@ impl AdminQueue {
         }
     }
 
-    /// Redis lost the admin bans: the next batch republishes every one held here.
+    /// Redis lost (or rolled back) the admin bans: the next batch republishes every one
+    /// held here.
     pub fn reseed(&self) {
         self.lock().reseed = true;
     }

@@ -5,13 +5,15 @@
 -- KEYS[3] ban log zset (member: "<client key> <until ms>", score: when the ban was made, ms;
 --         "lift <client key> <ms>" when an operator lifted a key's ban)
 -- KEYS[4] admin ban zset (member: network, score: until ms)
--- KEYS[5] admin ban version (a nonce replaced at every change of KEYS[4])
+-- KEYS[5] admin ban version ("<counter> <nonce>": the counter grows at every change of
+--         KEYS[4], so a replica can tell a Redis that went back in time)
 -- KEYS[5 + i], i = 1..n_rate: the rate hash of a client key (field: second, value: count)
 -- KEYS[5 + n_rate + i], i = 1..n_fail: the failure zset of a client key
 -- ARGV: replica id, n_rate, n_fail, ban cursor (ms, 0 = all live bans), failure window ms,
 --       max_failures, ban ms, buckets, load score (-1: not loading), load skip, page size,
 --       then n_rate counts, n_fail counts, n_fail client keys,
---       then the admin part: known version ("" = none), max_bans, new version nonce, n_ops,
+--       then the admin part: known version ("" = none), max_bans, new version nonce,
+--       republish (1: the ops republish the bans a replica holds), n_ops,
 --       then n_ops triples (kind: "ban" | "lift" | "key", network or client key, ban ms).
 -- Returns: { now ms, replicas, { rate totals }, { ban members }, new cursor, load score,
 --            load skip,
@@ -89,12 +91,19 @@ local a = base + n_rate + 2 * n_fail
 local known = ARGV[a + 1]
 local max_bans = tonumber(ARGV[a + 2])
 local nonce = ARGV[a + 3]
-local n_ops = tonumber(ARGV[a + 4])
-local version = redis.call('GET', KEYS[5])
+local republish = ARGV[a + 4] == '1'
+local n_ops = tonumber(ARGV[a + 5])
+local function counter(v)
+  return tonumber(string.match(v, '^(%d+) '))
+end
+local version = redis.call('GET', KEYS[5]) or ''
+local current = counter(version) or 0
+local known_counter = counter(known) or 0
 local lost = 0
-if not version then
-  version = ''
-  if known ~= '' then lost = 1 end
+-- Lost: the version this replica knew is gone (Redis restarted empty), older (restored
+-- from an older snapshot, failed over to a lagging replica) or another history.
+if known ~= '' and version ~= known and current <= known_counter and not republish then
+  lost = 1
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
 local keep = 0
@@ -103,9 +112,9 @@ local refused = {}
 -- When Redis lost the bans, changes wait: the replicas first publish every ban they hold.
 if lost == 1 then n_ops = 0 end
 for i = 0, n_ops - 1 do
-  local kind = ARGV[a + 5 + 3 * i]
-  local target = ARGV[a + 6 + 3 * i]
-  local ms = tonumber(ARGV[a + 7 + 3 * i])
+  local kind = ARGV[a + 6 + 3 * i]
+  local target = ARGV[a + 7 + 3 * i]
+  local ms = tonumber(ARGV[a + 8 + 3 * i])
   if kind == 'ban' then
     if redis.call('ZSCORE', KEYS[4], target) or redis.call('ZCARD', KEYS[4]) < max_bans then
       redis.call('ZADD', KEYS[4], now + ms, target)
@@ -133,8 +142,8 @@ end
 if changed then
   -- The version outlives no ban it covered, so it is absent only when Redis lost it or
   -- every ban it covered has expired.
-  redis.call('SET', KEYS[5], nonce, 'KEEPTTL')
-  version = nonce
+  version = (math.max(current, known_counter) + 1) .. ' ' .. nonce
+  redis.call('SET', KEYS[5], version, 'KEEPTTL')
   if redis.call('PTTL', KEYS[5]) < keep then
     redis.call('PEXPIRE', KEYS[5], keep)
   end

@@ -131,8 +131,8 @@ struct Link<'a> {
     /// Where the read of all live bans goes on at the next sync (expiry score, rank among
     /// equal scores), `None` when not loading. One page of [`MAX_KEYS_PER_SYNC`] per sync.
     load: Option<(i64, u64)>,
-    /// The version of the admin bans this replica's list mirrors; `None` before the first
-    /// read, or after Redis lost them.
+    /// The version of the admin bans this replica's list mirrors (the highest it has seen:
+    /// a lower one means Redis lost or rolled back the bans); `None` before the first read.
     admin_version: Option<String>,
     /// The state last logged, so each change is logged once.
     logged: Option<bool>,
@@ -281,6 +281,7 @@ impl Link<'_> {
         call.arg(self.admin_version.as_deref().unwrap_or(""))
             .arg(s.max_bans)
             .arg(hex::encode(rand::random::<[u8; 8]>()))
+            .arg(u8::from(admin.republishes()))
             .arg(ops.len());
         for (kind, target, ms) in ops {
             call.arg(kind).arg(target).arg(ms);
@@ -346,9 +347,13 @@ impl Link<'_> {
         if lost {
             // The script applied none of the batch: it waits for the next sync, after the
             // bans held here are published again.
-            tracing::warn!("cluster: Redis lost the admin bans (restarted empty?); this replica publishes those it holds");
+            // The version known here is kept: the republished list gets a higher one.
+            tracing::warn!(
+                known = self.admin_version.as_deref().unwrap_or(""),
+                redis = version,
+                "cluster: Redis lost or rolled back the admin bans (restarted empty or from an older snapshot, or failed over?); this replica publishes those it holds"
+            );
             self.cluster.admin.reseed();
-            self.admin_version = None;
             return;
         }
         let fresh = if self.admin_version.as_deref() != Some(version.as_str()) {
