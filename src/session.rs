@@ -377,7 +377,7 @@ impl Session {
                 Ok(false) => {}
                 Err(reason) => return Box::pin(self.close(reason)).await,
             }
-            if self.wbuf.len() > self.config.limits.max_write_buffer_bytes {
+            if self.wbuf.len() > self.write_cap() {
                 metrics::security_event(
                     SecurityEvent::WriteOverflow,
                     self.ip,
@@ -706,14 +706,24 @@ impl Session {
         Ok(())
     }
 
+    /// The cap on the write buffer: `max_write_buffer_bytes`, raised for a relayed
+    /// connection to what its largest reply needs (validated as `max_reply_bytes + 64`
+    /// when it opened), so that a reload lowering the caps never strands a reply accepted
+    /// under the old ones, which would stop the reading of the upstream for good.
+    fn write_cap(&self) -> usize {
+        let cap = self.config.limits.max_write_buffer_bytes;
+        let link = self.link.as_ref();
+        link.map_or(cap, |link| cap.max(link.max_reply_bytes() + 64))
+    }
+
     /// messages mode: moves complete upstream messages into the write buffer, in the
     /// client's framing, while it has room. True when any moved.
     fn take_replies(&mut self) -> Result<bool, CloseReason> {
+        let cap = self.write_cap();
         let Some(link) = &mut self.link else {
             return Ok(false);
         };
         let framing = self.codec.framing().unwrap_or(Framing::Text);
-        let cap = self.config.limits.max_write_buffer_bytes;
         let mut moved = false;
         loop {
             // A frame header (4 bytes) or a newline must fit too.

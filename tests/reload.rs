@@ -651,6 +651,37 @@ async fn a_rolled_back_server_comes_back_with_its_connections_and_its_health() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_accepted_under_the_old_caps_is_delivered_after_they_are_lowered() {
+    let certs = TestCerts::new();
+    let mut a = upstream::MockUpstream::start().await;
+    let addr = a.addr;
+    let caps = |buffer: usize, reply: usize| {
+        format!(
+            "[protocol]\nmax_line_bytes = 1024\nmax_frame_bytes = 1024\n\
+             [limits]\nmax_write_buffer_bytes = {buffer}\n{}",
+            upstream_section(&[addr], &format!("max_reply_bytes = {reply}\n"))
+        )
+    };
+    let gateway = Process::gateway(&certs, &caps(65536, 32768));
+    let mut client = Client::authed(gateway.addr, &certs).await;
+    let (mut conn, _) = next_relayed(&mut a).await;
+    reload_with(&gateway, &certs, &caps(8192, 4096), "ok", 1.0).await;
+    client.send_line("after the reload").await;
+    assert_eq!(conn.read_frame().await.unwrap(), b"after the reload");
+    // Within the 32 KiB this connection was opened under, over the new 8 KiB buffer.
+    let reply = vec![b'x'; 16 * 1024];
+    conn.write_frame(&reply).await;
+    let line = tokio::time::timeout(Duration::from_secs(5), client.read_line()).await;
+    assert_eq!(
+        line.expect("the reply never came").len(),
+        reply.len(),
+        "delivered whole"
+    );
+    client.send_line("still relaying").await;
+    assert_eq!(conn.read_frame().await.unwrap(), b"still relaying");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_name_that_does_not_resolve_holds_back_no_revocation() {
     let certs = TestCerts::new();
     let mut a = upstream::MockUpstream::start().await;

@@ -67,6 +67,11 @@ impl Link {
         }
     }
 
+    /// The largest reply this connection takes: `max_reply_bytes` when it opened.
+    pub fn max_reply_bytes(&self) -> usize {
+        self.max_reply_bytes
+    }
+
     /// True while another message may be forwarded without exceeding the buffer.
     pub fn has_room(&self) -> bool {
         self.out.len() < self.out_cap
