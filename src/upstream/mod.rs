@@ -138,11 +138,12 @@ impl Upstream {
     /// on (see [`pool`] for what a kept server keeps), and replaces the health checks. The
     /// caller has kept `mode` and whether any server is configured as they were.
     pub fn reconfigure(&self, config: &Config, servers: Resolved) {
-        let previous = self.current.load_full();
-        let next = Generation::new(config, servers, &self.registry);
+        let next = Arc::new(Generation::new(config, servers, &self.registry));
         tracing::info!(servers = ?config.upstream.servers, "upstream servers for new connections");
+        // Published before the servers it drops are retired: a connection opening in
+        // between finds the new servers, never a pool with none in service.
+        let previous = self.current.swap(Arc::clone(&next));
         previous.pool.retire_removed(&next.pool, &self.registry);
-        self.current.store(Arc::new(next));
         previous.replaced.cancel();
     }
 
