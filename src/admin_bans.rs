@@ -5,8 +5,10 @@
 //! They answer only when `admin.token_sha256` is set (404 otherwise; read per request, so a
 //! reload turns them on or off), and only to a request carrying `Authorization: Bearer
 //! <token>` whose SHA-256 matches, compared in constant time (401 otherwise). A ban refuses
-//! new connections from its network and closes the open ones (`reason="banned"`); every
-//! write is logged with its source address. In cluster mode a change holds here at once and
+//! new connections from its network and closes the open ones (`reason="banned"`; in
+//! cluster mode once Redis has taken it, or within [`crate::cluster::admin::CONFIRM_WAIT`],
+//! so a ban the cluster refuses closes nothing); every authorized write is logged with its
+//! source address and its outcome, refusals (400, 404, 507) included. In cluster mode a change holds here at once and
 //! is shared with every replica (see [`crate::cluster::admin`]); the response and the log
 //! line say whether Redis confirmed it. Bounded: at most `admin.max_bans` bans, request
 //! bodies of at most [`MAX_BODY_BYTES`], listings of at most [`MAX_LISTED`] bans.
@@ -91,25 +93,43 @@ async fn add(
     body: Bytes,
 ) -> Response {
     if let Err(refusal) = authorize(&gateway, &headers) {
+        // Not logged above debug: anyone reaching the listener could flood the log.
+        tracing::debug!(%source, "admin API: POST /bans without the admin token");
         return refusal.into_response();
     }
     let (net, duration) = match parse_request(&body) {
         Ok(parsed) => parsed,
-        Err(message) => return text(StatusCode::BAD_REQUEST, message),
+        Err(message) => {
+            tracing::warn!(%source, error = %message, "admin API: ban not added: bad request (400)");
+            return text(StatusCode::BAD_REQUEST, message);
+        }
     };
     let max = gateway.config().admin.max_bans;
+    let shown = humantime::format_duration(duration);
     let ticket = match gateway.admission.ban_network(net, duration, max) {
         Ok(ticket) => ticket,
-        Err(refusal) => return refused(&refusal),
+        Err(refusal) => {
+            tracing::warn!(%source, %net, duration = %shown, error = %refusal, "admin API: ban not added");
+            return refused(&refusal);
+        }
     };
-    gateway.rules_changed.notify();
-    let sharing = ticket.outcome().await;
-    let duration = humantime::format_duration(duration);
+    // Open connections are told once the ban stands: one the cluster refuses (undone here)
+    // closes none. In a task of its own, so that a client hanging up cannot skip it.
+    let told = gateway.clone();
+    let sharing = tokio::spawn(async move {
+        let sharing = ticket.outcome().await;
+        if sharing != Sharing::Refused {
+            told.rules_changed.notify();
+        }
+        sharing
+    })
+    .await
+    .unwrap_or(Sharing::Later);
     if sharing == Sharing::Refused {
-        tracing::warn!(%source, %net, %duration, "admin API: ban refused by the cluster (admin.max_bans)");
+        tracing::warn!(%source, %net, duration = %shown, "admin API: ban not added: refused by the cluster (admin.max_bans; 507)");
         return text(StatusCode::INSUFFICIENT_STORAGE, sharing.describe());
     }
-    tracing::info!(%source, %net, %duration, cluster = sharing.describe(), "admin API: ban added; open connections from it are closed");
+    tracing::info!(%source, %net, duration = %shown, cluster = sharing.describe(), "admin API: ban added; open connections from it are closed");
     text(
         StatusCode::CREATED,
         format!("banned {net}{}", said(sharing)),
@@ -123,23 +143,29 @@ async fn lift(
     Path(key): Path<String>,
 ) -> Response {
     if let Err(refusal) = authorize(&gateway, &headers) {
+        tracing::debug!(%source, "admin API: DELETE /bans without the admin token");
         return refusal.into_response();
     }
     let max = gateway.config().admin.max_bans;
     let lifted = if key.contains('/') {
-        match key.parse::<IpNet>() {
-            Ok(net) => gateway.admission.lift_network_ban(net, max),
-            Err(_) => return text(StatusCode::BAD_REQUEST, "not a CIDR or an address"),
-        }
+        key.parse::<IpNet>()
+            .ok()
+            .map(|net| gateway.admission.lift_network_ban(net, max))
     } else {
-        match key.parse::<IpAddr>() {
-            Ok(ip) => gateway.admission.lift_address_ban(ip, max),
-            Err(_) => return text(StatusCode::BAD_REQUEST, "not a CIDR or an address"),
-        }
+        key.parse::<IpAddr>()
+            .ok()
+            .map(|ip| gateway.admission.lift_address_ban(ip, max))
     };
     let ticket = match lifted {
-        Ok(ticket) => ticket,
-        Err(refusal) => return refused(&refusal),
+        Some(Ok(ticket)) => ticket,
+        Some(Err(refusal)) => {
+            tracing::warn!(%source, key = %key, error = %refusal, "admin API: ban not lifted");
+            return refused(&refusal);
+        }
+        None => {
+            tracing::warn!(%source, key = %key, "admin API: ban not lifted: not a CIDR or an address (400)");
+            return text(StatusCode::BAD_REQUEST, "not a CIDR or an address");
+        }
     };
     let sharing = ticket.outcome().await;
     tracing::info!(%source, key = %key, cluster = sharing.describe(), "admin API: ban lifted");

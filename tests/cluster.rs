@@ -864,3 +864,51 @@ async fn a_redis_gone_back_in_time_does_not_roll_the_admin_bans_back() {
     wait_cluster_up(&c, 1.0, Duration::from_secs(5));
     wait_admission(c.addr, &certs, 132, true, limit).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ban_the_cluster_refuses_closes_nothing_and_every_write_is_logged() {
+    let certs = TestCerts::new();
+    let redis = RedisServer::start();
+    let a = replica(&certs, Some(&redis), &admin_section(1));
+    wait_cluster_up(&a, 1.0, Duration::from_secs(5));
+    let mut open = Client::connect_with(a.addr, &certs, from(141))
+        .await
+        .unwrap();
+    assert_eq!(open.request_line("PING").await, "OK PONG");
+    // The cluster's one ban (admin.max_bans = 1) is one this replica has not read yet.
+    let mut connection = redis.connection().unwrap();
+    let _: u64 = redis::cmd("ZADD")
+        .arg("portcullis:adminbans")
+        .arg(i64::MAX / 2)
+        .arg("198.18.0.0/24")
+        .query(&mut connection)
+        .unwrap();
+    let _: u8 = redis::cmd("PEXPIRE")
+        .arg("portcullis:adminbans")
+        .arg(3_600_000)
+        .query(&mut connection)
+        .unwrap();
+
+    let (status, body) = post_ban(a.admin, r#"{"cidr": "127.0.0.140/30", "duration": "1h"}"#).await;
+    assert_eq!(status, 507, "{body}");
+    assert_eq!(
+        open.request_line("PING").await,
+        "OK PONG",
+        "a refused ban closed an open connection"
+    );
+    assert!(admitted(a.addr, &certs, 142).await);
+    assert_eq!(delete_ban(a.admin, "127.0.0.150").await.0, 404);
+    assert_eq!(delete_ban(a.admin, "not-an-address").await.0, 400);
+    let log = a.stderr();
+    for outcome in [
+        "refused by the cluster",
+        "error=no such ban",
+        "not a CIDR or an address (400)",
+    ] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains(outcome) && l.contains(CURL_SOURCE)),
+            "{outcome}: {log}"
+        );
+    }
+}
