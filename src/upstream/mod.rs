@@ -31,7 +31,7 @@ use crate::config::{Config, SendProxy, ServerAddress, UpstreamMode};
 use crate::error::UpstreamError;
 use crate::metrics::{self, ConnectResult};
 pub use pool::Target;
-use pool::{Pool, PoolSettings, Registry, Server};
+use pool::{Pool, PoolSettings, Registry, Server, ServerSlot};
 pub use proxy_header::ClientInfo;
 pub use relay::{Link, LinkEvent};
 
@@ -190,7 +190,7 @@ impl Upstream {
     /// PROXY header is queued first. Every failure is counted and marks its server.
     pub async fn open(&self, client: &ClientInfo) -> Result<Link, Unavailable> {
         // Both attempts, and the connection's whole life, under the settings in force now.
-        let generation = self.current.load_full();
+        let (generation, mut slot) = self.first_pick();
         let header = match generation.send_proxy {
             SendProxy::V2 => proxy_header::proxy_v2(client).map_err(|e| {
                 tracing::warn!(error = %e, "PROXY header does not fit; not connecting");
@@ -198,24 +198,44 @@ impl Upstream {
             })?,
             SendProxy::Off => Vec::new(),
         };
-        let mut tried = None;
-        for _ in 0..2 {
-            let Some(slot) = generation.pool.pick(tried) else {
+        for attempt in 0..2 {
+            let Some(taken) = slot.take() else {
                 break;
             };
-            tried = Some(slot.index());
-            if let Some(io) = generation.connect(slot.server()).await {
+            if let Some(io) = generation.connect(taken.server()).await {
                 return Ok(Link::new(
                     io,
                     header,
                     generation.out_cap,
                     generation.max_reply_bytes,
-                    slot,
+                    taken,
                 ));
+            }
+            if attempt == 0 {
+                slot = generation.pool.pick(Some(taken.index()));
             }
         }
         metrics::upstream_error(UpstreamError::Unavailable);
         Err(Unavailable)
+    }
+}
+
+impl Upstream {
+    /// A connection's first pick, with the generation it was made under. A reload
+    /// publishes its generation before it retires the servers it drops, so a pick that
+    /// found none in service under a generation replaced meanwhile is made again under
+    /// the new one: a reload replacing every server turns no client away.
+    fn first_pick(&self) -> (Arc<Generation>, Option<ServerSlot>) {
+        let generation = self.current.load_full();
+        if let Some(slot) = generation.pool.pick(None) {
+            return (generation, Some(slot));
+        }
+        let now = self.current.load_full();
+        if Arc::ptr_eq(&now, &generation) {
+            return (generation, None);
+        }
+        let slot = now.pool.pick(None);
+        (now, slot)
     }
 }
 
@@ -337,5 +357,38 @@ mod tests {
         assert_eq!(choose(listed(), Some(&t(3))), Some(t(3)));
         assert_eq!(choose(listed(), Some(&t(9))), Some(t(1)), "gone: the first");
         assert_eq!(choose(std::iter::empty(), Some(&t(1))), None);
+    }
+
+    #[test]
+    fn a_connection_opening_during_a_reload_always_finds_a_server() {
+        let server = |port: u16| {
+            let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+            (addr.to_string(), Target::Tcp(addr))
+        };
+        let config = Config::default();
+        let registry = Registry::default();
+        let first = Resolved(vec![server(7000)]);
+        let upstream = Upstream {
+            mode: config.upstream.mode,
+            current: ArcSwap::from_pointee(Generation::new(&config, first, &registry)),
+            registry,
+        };
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let misses = std::thread::scope(|scope| {
+            let picker = scope.spawn(|| {
+                let mut misses = 0;
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    misses += usize::from(upstream.first_pick().1.is_none());
+                }
+                misses
+            });
+            // Every reload replaces the whole list: [X] -> [Y] -> [X] ...
+            for i in 0..20_000 {
+                upstream.reconfigure(&config, Resolved(vec![server(7000 + i % 2)]));
+            }
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+            picker.join().unwrap()
+        });
+        assert_eq!(misses, 0, "picks that found no server in service");
     }
 }
