@@ -501,22 +501,6 @@ impl Admission {
         self.net_bans.replace(bans)
     }
 
-    /// Applies one admin change learnt from the cluster (no cap: the cluster's list is
-    /// bounded). True when a network is banned that was not before.
-    pub fn apply_admin_change(&self, op: AdminOp) -> bool {
-        match op {
-            AdminOp::Ban { net, until } => self.net_bans.insert(net, until, usize::MAX).is_ok(),
-            AdminOp::Lift(net) => {
-                self.net_bans.remove(net);
-                false
-            }
-            AdminOp::LiftKey(key) => {
-                self.lift_key_ban(key);
-                false
-            }
-        }
-    }
-
     /// Every ban in force: the admin API's networks, then the keys banned after
     /// authentication failures (at most `limit` in all).
     pub fn bans(&self, limit: usize) -> Vec<Ban> {

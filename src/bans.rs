@@ -2,6 +2,7 @@
 //! an expiry, at most `admin.max_bans` at once. Read on every admission and written rarely,
 //! so the list is copied on write and read without a lock; an empty list costs one load.
 
+use std::collections::HashSet;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -83,9 +84,14 @@ impl NetBans {
         }
         self.update(|list| {
             let now = Instant::now();
-            let grew = bans.iter().any(|new| {
-                new.until > now && !list.iter().any(|old| old.net == new.net && old.until > now)
-            });
+            let before: HashSet<IpNet> = list
+                .iter()
+                .filter(|old| old.until > now)
+                .map(|old| old.net)
+                .collect();
+            let grew = bans
+                .iter()
+                .any(|new| new.until > now && !before.contains(&new.net));
             *list = bans;
             grew
         })

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::admission::Admission;
 use crate::auth::TokenStore;
 use crate::bans::NetBan;
-use crate::cluster::admin::{AdminBans, AdminOp};
+use crate::cluster::admin::AdminBans;
 use crate::cluster::{Cluster, Enforce};
 use crate::config::Config;
 use crate::proxy_protocol::ProxySettings;
@@ -144,10 +144,8 @@ impl AdminBans for Gateway {
         }
     }
 
-    fn apply(&self, op: AdminOp) {
-        if self.admission.apply_admin_change(op) {
-            self.rules_changed.notify();
-        }
+    fn lift_key_ban(&self, key: IpAddr) {
+        self.admission.lift_key_ban(key);
     }
 }
 

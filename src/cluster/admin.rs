@@ -55,6 +55,7 @@
 //! at most its own `admin.max_bans` of them (logged once when Redis holds more), since
 //! admission scans the list on every accept.
 
+use std::collections::HashSet;
 use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -98,7 +99,7 @@ impl AdminOp {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Target {
     Net(IpNet),
     Key(IpAddr),
@@ -220,8 +221,29 @@ pub trait AdminBans {
     fn in_force(&self) -> Vec<NetBan>;
     /// The cluster's list replaces this replica's (open connections are checked again).
     fn replace(&self, bans: Vec<NetBan>);
-    /// Applies one change here (a queued change on top of a list just read).
-    fn apply(&self, op: AdminOp);
+    /// Lifts `key`'s authentication-failure ban here (a queued lift on top of the bans
+    /// just read).
+    fn lift_key_ban(&self, key: IpAddr);
+}
+
+/// The changes still queued, on top of a list just read, in one pass: each network is
+/// queued at most once ([`AdminQueue::record`] replaces an earlier change to it).
+fn overlay(list: &mut Vec<NetBan>, pending: &[Pending], local: &impl AdminBans) {
+    let touched: HashSet<IpNet> = pending
+        .iter()
+        .filter_map(|p| match p.op {
+            AdminOp::Ban { net, .. } | AdminOp::Lift(net) => Some(net),
+            AdminOp::LiftKey(_) => None,
+        })
+        .collect();
+    list.retain(|b| !touched.contains(&b.net));
+    for p in pending {
+        match p.op {
+            AdminOp::Ban { net, until } => list.push(NetBan { net, until }),
+            AdminOp::Lift(_) => {}
+            AdminOp::LiftKey(key) => local.lift_key_ban(key),
+        }
+    }
 }
 
 /// The admin changes waiting for Redis.
@@ -310,17 +332,28 @@ impl AdminQueue {
             .into_iter()
             .partition(|p| p.seq <= batch.through);
         inner.pending = waiting;
-        if let Some(list) = fresh {
-            local.replace(list);
-            for p in &inner.pending {
-                local.apply(p.op);
-            }
-        }
-        for net in refused {
-            let target = Target::Net(*net);
-            if !inner.pending.iter().any(|p| p.op.target() == target) {
-                local.apply(AdminOp::Lift(*net));
-            }
+        // A refused ban is undone here unless a later change to it waits.
+        let queued: HashSet<Target> = inner.pending.iter().map(|p| p.op.target()).collect();
+        let undo: HashSet<IpNet> = refused
+            .iter()
+            .copied()
+            .filter(|net| !queued.contains(&Target::Net(*net)))
+            .collect();
+        // The new list is built once and replaces this replica's once (the lock is held
+        // for O(list + queue), not a copy of the list per queued change).
+        if fresh.is_some() || !undo.is_empty() {
+            let list = match fresh {
+                Some(mut list) => {
+                    overlay(&mut list, &inner.pending, local);
+                    list
+                }
+                None => local.in_force(),
+            };
+            local.replace(
+                list.into_iter()
+                    .filter(|b| !undo.contains(&b.net))
+                    .collect(),
+            );
         }
         // Told last, so that a request hears of a refusal once the ban is undone.
         for p in done {
@@ -359,17 +392,23 @@ mod tests {
     use super::*;
     use std::sync::Mutex as StdMutex;
 
-    /// A replica's list, as a plain vector.
+    /// A replica's list, as a plain vector, and how many times the sync replaced it.
     #[derive(Default)]
-    struct List(StdMutex<Vec<NetBan>>);
+    struct List(StdMutex<Vec<NetBan>>, std::sync::atomic::AtomicUsize);
 
     impl AdminBans for List {
         fn in_force(&self) -> Vec<NetBan> {
             self.0.lock().unwrap().clone()
         }
         fn replace(&self, bans: Vec<NetBan>) {
+            self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             *self.0.lock().unwrap() = bans;
         }
+        fn lift_key_ban(&self, _: IpAddr) {}
+    }
+
+    impl List {
+        /// An API change made here.
         fn apply(&self, op: AdminOp) {
             let mut list = self.0.lock().unwrap();
             match op {
@@ -443,6 +482,46 @@ mod tests {
             2,
             "a refused change is not made here"
         );
+    }
+
+    #[test]
+    fn settling_a_long_queue_replaces_the_list_once() {
+        let (list, queue) = (List::default(), AdminQueue::default());
+        ban(&list, &queue, "192.0.2.0/24", 4096).unwrap();
+        let batch = queue.batch(&list);
+        // 1,000 changes queued while the batch is with Redis, one of them lifting a network
+        // the cluster's list holds.
+        for i in 0..1000u32 {
+            ban(
+                &list,
+                &queue,
+                &format!("10.{}.{}.0/24", i >> 8, i & 255),
+                4096,
+            )
+            .unwrap();
+        }
+        let lift = AdminOp::Lift(net("198.51.100.0/24"));
+        queue
+            .record(4096, true, || Ok::<_, Backlog>(vec![lift]))
+            .unwrap();
+        let until = Instant::now() + Duration::from_secs(60);
+        let from_redis = ["192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24"]
+            .iter()
+            .map(|s| NetBan { net: net(s), until })
+            .collect();
+        queue.settle(&batch, &[], Some(from_redis), &list);
+        assert_eq!(list.1.load(std::sync::atomic::Ordering::Relaxed), 1);
+        let nets: Vec<IpNet> = list.in_force().iter().map(|b| b.net).collect();
+        assert_eq!(
+            nets.len(),
+            1002,
+            "the cluster's two, and the 1,000 queued bans"
+        );
+        assert!(
+            !nets.contains(&net("198.51.100.0/24")),
+            "the queued lift holds"
+        );
+        assert!(nets.contains(&net("203.0.113.0/24")) && nets.contains(&net("10.3.231.0/24")));
     }
 
     #[test]
