@@ -10,13 +10,14 @@
 # core 1. Every scenario is a separate run of the load tool, so one failure does not lose
 # the others. Progress goes to stderr; the markdown report (table and raw lines) to stdout.
 #
-# Knobs (environment): SECONDS_PER_SCENARIO (5), WORKERS (4), CONNECTIONS (32), IDLE (5000),
+# Knobs (environment): SECONDS_PER_SCENARIO (5), WORKERS (16: handshake loops; fewer leave
+# the server waiting on round trips rather than on its CPU), CONNECTIONS (32), IDLE (5000),
 # BASE_PORT (first port tried, 24430), SERVER_CORE (0), CLIENT_CORE (1), KEEP_TMP (0: set 1
 # to keep the temporary folder with configurations and server logs).
 set -euo pipefail
 
 SECONDS_PER_SCENARIO=${SECONDS_PER_SCENARIO:-5}
-WORKERS=${WORKERS:-4}
+WORKERS=${WORKERS:-16}
 CONNECTIONS=${CONNECTIONS:-32}
 IDLE=${IDLE:-5000}
 BASE_PORT=${BASE_PORT:-24430}

@@ -13,6 +13,9 @@
 //!   connection (needs the server's pid). `--idle 1000,18000` opens them in steps and
 //!   prints a line at each count, with the bytes per connection since the previous count
 //!   (`step_bytes_per_connection`): flat when both figures stay the same as N grows.
+//! * `scale` — `steady` again with more and more idle connections open (`--scale-idle`,
+//!   e.g. `0,5000,15000`; each idle connection completed a handshake and one PING): how
+//!   the latency of active clients grows with the number of quiet ones.
 //! * `reject` — one source address floods new TCP connections; refusals/s, and the p99 of
 //!   a legitimate client's PING from another address meanwhile.
 //! * `relay` — like `steady`, but each request is one binary frame of 64 bytes that a
@@ -80,6 +83,9 @@ struct Args {
     /// turn with a result line at each.
     #[arg(long, value_delimiter = ',', default_value = "2000")]
     idle: Vec<usize>,
+    /// The `scale` scenario's idle-connection counts, ascending (comma-separated).
+    #[arg(long, default_value = "0,1000", value_delimiter = ',')]
+    scale_idle: Vec<usize>,
     /// Seconds per timed scenario.
     #[arg(long, default_value_t = 3.0)]
     seconds: f64,
@@ -180,6 +186,7 @@ fn main() {
                 }
                 "relay" => bench.steady(connections, duration, Exchange::Relay).await,
                 "idle" => bench.idle(&args.idle, pid).await,
+                "scale" => bench.scale(&args.scale_idle, connections, duration).await,
                 "reject" => bench.reject(duration).await,
                 other => eprintln!("unknown scenario {other}"),
             }
@@ -389,6 +396,69 @@ impl Bench {
 
     /// C persistent connections, one 64-byte request at a time in a closed loop.
     async fn steady(&self, connections: usize, duration: Duration, exchange: Exchange) {
+        let name = if exchange == Exchange::Relay {
+            "relay"
+        } else {
+            "steady"
+        };
+        self.steady_as(name, "", connections, duration, exchange)
+            .await;
+    }
+
+    /// `steady` with each count of `idle_steps` idle connections open in turn (the count
+    /// only grows: connections are added, never closed between steps).
+    async fn scale(&self, idle_steps: &[usize], connections: usize, duration: Duration) {
+        if idle_steps.iter().any(|&n| n > MAX_IDLE) {
+            eprintln!("scale: at most {MAX_IDLE} idle connections (one source address each)");
+            return;
+        }
+        let mut held = Vec::new();
+        for &idle in idle_steps {
+            if let Err(e) = self.open_idle(&mut held, idle).await {
+                eprintln!(
+                    "scale: opening idle connection {} of {idle}: {e}",
+                    held.len() + 1
+                );
+                return;
+            }
+            // Let the server settle after the burst of handshakes.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let idle = format!("idle={} ", held.len());
+            self.steady_as("scale", &idle, connections, duration, Exchange::Handshake)
+                .await;
+        }
+    }
+
+    /// Opens idle connections (each does one PING) until `held` has `count` of them, each
+    /// from its own address ([`idle_source`]); a few at a time.
+    async fn open_idle(
+        &self,
+        held: &mut Vec<tokio_rustls::client::TlsStream<TcpStream>>,
+        count: usize,
+    ) -> std::io::Result<()> {
+        const PARALLEL: usize = 8;
+        let connector = self.connector(true);
+        while held.len() < count {
+            let mut batch = tokio::task::JoinSet::new();
+            for i in (held.len()..count).take(PARALLEL) {
+                batch.spawn(open_pinged(self.target, connector.clone(), idle_source(i)));
+            }
+            while let Some(opened) = batch.join_next().await {
+                held.push(opened.map_err(std::io::Error::other)??);
+            }
+        }
+        Ok(())
+    }
+
+    /// `steady`, its line named `name`, with `extra` (`key=value `) after the server.
+    async fn steady_as(
+        &self,
+        name: &str,
+        extra: &str,
+        connections: usize,
+        duration: Duration,
+        exchange: Exchange,
+    ) {
         let connector = self.connector(true);
         let mut tasks = Vec::new();
         let mut streams = Vec::new();
@@ -425,13 +495,8 @@ impl Bench {
         for t in tasks {
             all.extend(t.await.expect("connection"));
         }
-        let name = if exchange == Exchange::Relay {
-            "relay"
-        } else {
-            "steady"
-        };
         println!(
-            "scenario={name} server={} connections={connections} requests={} rate={:.0} {} {}",
+            "scenario={name} server={} {extra}connections={connections} requests={} rate={:.0} {} {}",
             self.label,
             all.len(),
             all.len() as f64 / duration.as_secs_f64(),
@@ -477,16 +542,15 @@ impl Bench {
         drop(held);
     }
 
-    /// The `i`th idle connection: its own source address (127.0.20.1 to 127.0.97.250, 250
-    /// per /24, so per-address limits never refuse it), one PING answered, then silence.
+    /// The `i`th idle connection: its own source address ([`idle_source`]), one PING
+    /// answered, then silence.
     async fn idle_connection(
         &self,
         connector: &TlsConnector,
         i: usize,
     ) -> tokio_rustls::client::TlsStream<TcpStream> {
-        let source = IpAddr::from([127, 0, 20 + (i / 250) as u8, 1 + (i % 250) as u8]);
         let mut stream = self
-            .connect(connector, Some(source))
+            .connect(connector, Some(idle_source(i)))
             .await
             .expect("connect");
         stream.write_all(b"PING\n").await.expect("write");
@@ -710,6 +774,32 @@ async fn tcp_from(target: SocketAddr, source: Option<IpAddr>) -> std::io::Result
         socket.bind(SocketAddr::new(ip, 0))?;
     }
     socket.connect(target).await
+}
+
+/// The source address of the `i`th idle connection (`i` < [`MAX_IDLE`]): 127.0.20.1 to
+/// 127.0.97.250, 250 per /24, so per-address limits never refuse it.
+fn idle_source(i: usize) -> IpAddr {
+    IpAddr::from([127, 0, 20 + (i / 250) as u8, 1 + (i % 250) as u8])
+}
+
+/// A new connection from `source` that has done one PING.
+async fn open_pinged(
+    target: SocketAddr,
+    connector: TlsConnector,
+    source: IpAddr,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tcp = tcp_from(target, Some(source)).await?;
+    let _ = tcp.set_nodelay(true);
+    let mut stream = connector
+        .connect(ServerName::try_from("localhost").expect("name"), tcp)
+        .await?;
+    stream.write_all(b"PING\n").await?;
+    let mut buf = [0u8; 16];
+    let n = stream.read(&mut buf).await?;
+    if !buf[..n].starts_with(b"OK") {
+        return Err(std::io::Error::other("bad reply to PING"));
+    }
+    Ok(stream)
 }
 
 /// `p50_us=… p99_us=… p999_us=…` of latencies in microseconds.
