@@ -148,9 +148,7 @@ async fn lift(
     }
     let max = gateway.config().admin.max_bans;
     let lifted = if key.contains('/') {
-        key.parse::<IpNet>()
-            .ok()
-            .map(|net| gateway.admission.lift_network_ban(net, max))
+        parse_net(&key).map(|net| gateway.admission.lift_network_ban(net, max))
     } else {
         key.parse::<IpAddr>()
             .ok()
@@ -292,6 +290,13 @@ mod tests {
         assert_eq!(d, Duration::from_secs(3600));
         let (net, _) = parse_request(br#"{"cidr": "2001:db8::1", "duration": "90s"}"#).unwrap();
         assert_eq!(net.to_string(), "2001:db8::1/128");
+        let (net, _) =
+            parse_request(br#"{"cidr": "::ffff:203.0.113.9/120", "duration": "1h"}"#).unwrap();
+        assert_eq!(
+            net.to_string(),
+            "203.0.113.0/24",
+            "IPv4-mapped: the IPv4 network"
+        );
         for bad in [
             &br#"{"cidr": "nope", "duration": "1h"}"#[..],
             br#"{"cidr": "10.0.0.0/8", "duration": "0s"}"#,

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv4Net};
 
 /// One network banned until `until`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,13 +24,26 @@ pub struct BansFull(pub usize);
 
 /// A network as an operator (or the cluster's shared list) writes it: a CIDR or a single
 /// address, truncated to its network (`203.0.113.9/24` is `203.0.113.0/24`), so that a
-/// `DELETE` of the network always matches the ban. `None` when it is neither.
+/// `DELETE` of the network always matches the ban. An IPv4-mapped network
+/// (`::ffff:203.0.113.0/120`) is the IPv4 one (`203.0.113.0/24`): clients are normalised to
+/// IPv4, so the mapped form would never match anyone. `None` when it is neither.
 pub fn parse_net(text: &str) -> Option<IpNet> {
     let net = match text.parse::<IpNet>() {
         Ok(net) => net,
         Err(_) => IpNet::from(text.parse::<IpAddr>().ok()?),
     };
-    Some(net.trunc())
+    Some(unmap(net).trunc())
+}
+
+/// The IPv4 network of an IPv4-mapped one (prefix of at least 96); others as they are.
+fn unmap(net: IpNet) -> IpNet {
+    let IpNet::V6(v6) = net else {
+        return net;
+    };
+    match (v6.addr().to_ipv4_mapped(), v6.prefix_len().checked_sub(96)) {
+        (Some(v4), Some(prefix)) => Ipv4Net::new(v4, prefix).map_or(net, IpNet::V4),
+        _ => net,
+    }
 }
 
 /// The networks banned through the admin API.
@@ -182,6 +195,11 @@ mod tests {
         assert_eq!(parse_net("203.0.113.9/24"), Some(net("203.0.113.0/24")));
         assert_eq!(parse_net("2001:db8::1"), Some(net("2001:db8::1/128")));
         assert_eq!(parse_net("192.0.2.1"), Some(net("192.0.2.1/32")));
+        // IPv4-mapped: the IPv4 network, as clients are normalised.
+        assert_eq!(parse_net("::ffff:192.0.2.9/120"), Some(net("192.0.2.0/24")));
+        assert_eq!(parse_net("::ffff:192.0.2.9"), Some(net("192.0.2.9/32")));
+        assert_eq!(parse_net("::ffff:0.0.0.0/96"), Some(net("0.0.0.0/0")));
+        assert_eq!(parse_net("::ffff:0:0/80"), Some(net("::/80")), "not mapped");
         for bad in ["", "nope", "10.0.0.0/33", "10.0.0.0/8 ", "2001:db8::/129"] {
             assert_eq!(parse_net(bad), None, "{bad:?}");
         }
