@@ -316,6 +316,8 @@ fn choose(mut targets: impl Iterator<Item = Target>, prefer: Option<&Target>) ->
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
     use super::*;
 
     #[test]
@@ -373,20 +375,28 @@ mod tests {
             current: ArcSwap::from_pointee(Generation::new(&config, first, &registry)),
             registry,
         };
-        let done = std::sync::atomic::AtomicBool::new(false);
+        let done = AtomicBool::new(false);
+        let picks = AtomicUsize::new(0);
         let misses = std::thread::scope(|scope| {
             let picker = scope.spawn(|| {
                 let mut misses = 0;
-                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                while !done.load(Ordering::Relaxed) {
                     misses += usize::from(upstream.first_pick().1.is_none());
+                    picks.fetch_add(1, Ordering::Release);
                 }
                 misses
             });
-            // Every reload replaces the whole list: [X] -> [Y] -> [X] ...
-            for i in 0..20_000 {
+            // Every reload replaces the whole list: [X] -> [Y] -> [X] ... One reload per
+            // pick at most (as reloads seconds apart are): the next reload waits until a
+            // pick begun after this one ended.
+            for i in 0..5_000 {
                 upstream.reconfigure(&config, Resolved(vec![server(7000 + i % 2)]));
+                let seen = picks.load(Ordering::Acquire);
+                while picks.load(Ordering::Acquire) < seen + 2 {
+                    std::thread::yield_now();
+                }
             }
-            done.store(true, std::sync::atomic::Ordering::Relaxed);
+            done.store(true, Ordering::Relaxed);
             picker.join().unwrap()
         });
         assert_eq!(misses, 0, "picks that found no server in service");
