@@ -28,9 +28,11 @@
 //! applies a reloaded configuration whole, waking open connections to check themselves
 //! against it; [`cluster`] shares limits, bans and ticket keys with other replicas through
 //! Redis; [`config`] is the typed configuration, [`deadline`] computes deadlines that
-//! cannot overflow, [`descriptors`] raises the open-file limit at start and keeps the
-//! descriptor that refuses a connection when it runs out, [`reload`] triggers reloads
-//! (SIGHUP, polling), and [`bootstrap`] is the development set-up.
+//! cannot overflow, [`wake_gate`] keeps a connection's loop from polling what is rarely
+//! ready (shutdown, bans, reloads, timers) at every message, [`descriptors`] raises the
+//! open-file limit at start and keeps the descriptor that refuses a connection when it
+//! runs out, [`reload`] triggers reloads (SIGHUP, polling), and [`bootstrap`] is the
+//! development set-up.
 
 pub mod admin;
 pub mod admin_bans;
@@ -57,3 +59,4 @@ pub mod shutdown;
 pub mod tickets;
 pub mod tls;
 pub mod upstream;
+pub mod wake_gate;

@@ -2,6 +2,7 @@
 //! the upstream relay → graceful close (SPEC section 1). Every way out returns a
 //! [`CloseReason`].
 
+use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
@@ -30,6 +31,7 @@ use crate::handshake::{handshake, version_label, HandshakeError};
 use crate::metrics::{self, Direction};
 use crate::proxy_protocol::{Outcome, Rewind};
 use crate::upstream::{stream, ClientInfo, Link, LinkEvent, Upstream};
+use crate::wake_gate::WakeGate;
 
 /// How long a graceful close (pending replies, close_notify) may take before the socket is
 /// simply dropped.
@@ -40,6 +42,11 @@ const DISCARD_TIMEOUT: Duration = Duration::from_secs(1);
 const DISCARD_BYTES: usize = 256 * 1024;
 /// The most read from the socket in one call; the codec's caps bound the buffer itself.
 const READ_CHUNK: usize = 8 * 1024;
+/// The first read after the read buffer was given back (the connection had nothing to
+/// read): small enough for the allocator's per-thread cache, which an 8 KiB buffer per
+/// wake-up was not (a `malloc` and `free` of 8 KiB per relayed message, callgrind). A
+/// connection that fills it gets [`READ_CHUNK`] more.
+const FIRST_READ: usize = 1024;
 /// The most encrypted reply bytes rustls holds for a client the socket cannot take more
 /// from (its default is 64 KiB): one full TLS record, so that what a client that does not
 /// read costs is `max_write_buffer_bytes` plus this, not plus 64 KiB.
@@ -264,6 +271,18 @@ enum IoEvent {
     Upstream(LinkEvent),
 }
 
+/// What ended a wait of the connection's loop.
+enum Woke {
+    Io(IoEvent),
+    /// The end of the drain, or a ban.
+    Close(CloseReason),
+    /// The timer set for the nearest deadline (authentication, idle, lifetime) fired.
+    Timer,
+    RulesChanged,
+    /// The drain began.
+    Closing,
+}
+
 /// What processing the buffered messages asks for.
 enum Step {
     Continue {
@@ -353,6 +372,8 @@ impl Session {
         let rules_changed = rules_changed.cancelled_owned();
         let timer = tokio::time::sleep_until(idle_deadline);
         tokio::pin!(force, ban, closing, rules_changed, timer);
+        // All of the above are polled through the gate: only once one of them has woken.
+        let gate = WakeGate::new();
         loop {
             match self.process_buffered() {
                 Step::Continue { served } => {
@@ -398,16 +419,65 @@ impl Session {
                 Some(end) if end < deadline => (end, CloseReason::Lifetime),
                 _ => (deadline, expired),
             };
-            if timer.deadline() != deadline {
+            // The timer is only ever moved earlier here. Activity moves the deadline later
+            // at every message; the timer then fires early once and is moved to the deadline
+            // (below), instead of a timer-wheel update per message.
+            if deadline < timer.deadline() {
                 timer.as_mut().reset(deadline);
+                gate.rearm();
             }
-            let event = tokio::select! {
-                biased;
-                _ = &mut force => Err(CloseReason::Shutdown),
-                _ = &mut ban => Err(CloseReason::Banned),
-                event = std::future::poll_fn(|cx| self.poll_io(cx)) => Ok(event),
-                _ = &mut timer => Err(expired),
-                _ = &mut rules_changed => {
+            let woke = std::future::poll_fn(|cx| {
+                let stops = gate.woken(cx);
+                let mut gated = gate.context();
+                // In priority order: the end of the drain and a ban before any I/O, the
+                // rest after it.
+                if stops {
+                    let urgent = if force.as_mut().poll(&mut gated).is_ready() {
+                        Some(CloseReason::Shutdown)
+                    } else if ban.as_mut().poll(&mut gated).is_ready() {
+                        Some(CloseReason::Banned)
+                    } else {
+                        None
+                    };
+                    if let Some(reason) = urgent {
+                        gate.rearm();
+                        return Poll::Ready(Woke::Close(reason));
+                    }
+                }
+                if let Poll::Ready(event) = self.poll_io(cx) {
+                    if stops {
+                        // The gated futures below were not polled this time.
+                        gate.rearm();
+                    }
+                    return Poll::Ready(Woke::Io(event));
+                }
+                if !stops {
+                    return Poll::Pending;
+                }
+                let woke = if timer.as_mut().poll(&mut gated).is_ready() {
+                    Woke::Timer
+                } else if rules_changed.as_mut().poll(&mut gated).is_ready() {
+                    Woke::RulesChanged
+                } else if !draining && closing.as_mut().poll(&mut gated).is_ready() {
+                    Woke::Closing
+                } else {
+                    return Poll::Pending;
+                };
+                // Ready ones are replaced, reset or done with: poll them all again next time.
+                gate.rearm();
+                Poll::Ready(woke)
+            })
+            .await;
+            let event = match woke {
+                Woke::Io(event) => Ok(event),
+                Woke::Close(reason) => Err(reason),
+                Woke::Timer if timer.deadline() < deadline => {
+                    // Active since the timer was set: wait for the deadline it has now.
+                    timer.as_mut().reset(deadline);
+                    continue;
+                }
+                Woke::Timer => Err(expired),
+                Woke::RulesChanged => {
                     // Subscribe again before checking, so that no change is missed.
                     rules_changed.set(gateway.rules_changed.subscribe().cancelled_owned());
                     self.config = gateway.config();
@@ -416,7 +486,7 @@ impl Session {
                         Err(reason) => Err(reason),
                     }
                 }
-                _ = &mut closing, if !draining => {
+                Woke::Closing => {
                     draining = true;
                     continue;
                 }
@@ -461,7 +531,9 @@ impl Session {
                 return Poll::Pending;
             }
         }
-        if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 2 {
+        if self.rbuf.capacity() == 0 {
+            self.rbuf.reserve(FIRST_READ);
+        } else if self.rbuf.capacity() - self.rbuf.len() < FIRST_READ / 2 {
             self.rbuf.reserve(READ_CHUNK);
         }
         match tokio_util::io::poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.rbuf) {
@@ -470,8 +542,8 @@ impl Session {
                 if self.rbuf.is_empty() {
                     self.rbuf = BytesMut::new();
                 }
-                if self.wbuf.is_empty() && self.wbuf.capacity() > 0 {
-                    self.wbuf = BytesMut::new();
+                if self.wbuf.is_empty() {
+                    codec::recycle(&mut self.wbuf);
                 }
                 Poll::Pending
             }

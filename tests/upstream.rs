@@ -1072,3 +1072,44 @@ async fn with_forced_framing_an_mtls_client_is_connected_right_after_its_handsha
     assert_eq!(conn.read_frame().await.unwrap(), b"first");
     assert_eq!(upstream.accepts(), 1);
 }
+
+#[tokio::test]
+async fn messages_mode_stays_open_while_messages_flow_and_closes_as_idle_after_the_last() {
+    let certs = TestCerts::new();
+    let mut upstream = MockUpstream::start().await;
+    let extra = "[limits]\nidle_timeout = \"1s\"\n";
+    let gateway = Process::gateway(&certs, &upstream_config(&[upstream.addr], extra));
+    let mut client = Client::authed(gateway.addr, &certs).await;
+    let mut conn = upstream.next().await;
+    conn.read_header().await;
+    // Messages both ways for 2.5 times the idle timeout: its timer fires before the
+    // deadline the traffic keeps moving, and must not close the connection.
+    for i in 0..10 {
+        client.send_line(&format!("m{i}")).await;
+        assert_eq!(conn.read_frame().await, Some(format!("m{i}").into_bytes()));
+        conn.write_frame(format!("r{i}").as_bytes()).await;
+        assert_eq!(client.read_line().await, format!("r{i}"));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // Three lines in one write arrive as three frames, in order.
+    client.send(b"a\nb\nc\n").await;
+    for line in ["a", "b", "c"] {
+        assert_eq!(conn.read_frame().await, Some(line.as_bytes().to_vec()));
+    }
+    // Then silence: closed as idle, a full idle timeout after the last message.
+    let quiet = std::time::Instant::now();
+    client.expect_closed().await;
+    let waited = quiet.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900),
+        "closed early: {waited:?}"
+    );
+    assert!(waited < Duration::from_secs(4), "closed late: {waited:?}");
+    assert_eq!(
+        sample(
+            &scrape(&gateway),
+            "portcullis_connections_closed_total{reason=\"idle_timeout\"}"
+        ),
+        1.0
+    );
+}

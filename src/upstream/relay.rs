@@ -132,8 +132,8 @@ impl Link {
                 Poll::Ready(Ok(n)) => {
                     self.out.advance(n);
                     if self.out.is_empty() {
-                        // Give back a large buffer once a burst is written.
-                        self.out = BytesMut::new();
+                        // Kept for the next frames, unless a burst made it large.
+                        crate::codec::recycle(&mut self.out);
                     }
                     return Poll::Ready(LinkEvent::Progress);
                 }

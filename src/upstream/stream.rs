@@ -6,6 +6,7 @@
 //! every other one: a reload or an admin ban makes it check itself again (revoked token,
 //! denied address), and `max_connection_lifetime` ends it.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -21,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use super::relay::Link;
 use crate::error::{CloseReason, UpstreamError};
 use crate::metrics::{self, UpstreamDirection};
+use crate::wake_gate::WakeGate;
 
 /// Each direction's buffer: what one connection holds, at most, in flight each way.
 const BUFFER: usize = 16 * 1024;
@@ -65,7 +67,6 @@ where
         state: state.clone(),
     };
     let copy = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, BUFFER, BUFFER);
-    tokio::pin!(copy);
     let idle = tokio::time::sleep(stops.idle_timeout);
     let lifetime = tokio::time::sleep_until(stops.lifetime_end.unwrap_or_else(Instant::now));
     let changed = (stops.subscribe)().cancelled_owned();
@@ -74,21 +75,53 @@ where
     if let Err(reason) = (stops.still_allowed)() {
         return reason;
     }
-    tokio::pin!(idle, lifetime, changed);
+    let force = stops.force.cancelled();
+    let banned = stops.banned.cancelled();
+    tokio::pin!(copy, idle, lifetime, changed, force, banned);
+    // The stops are polled through the gate, only once one of them has woken: not at every
+    // read and write of the copy.
+    let gate = WakeGate::new();
     loop {
-        tokio::select! {
-            result = &mut copy => return finished(result, &state),
-            _ = stops.force.cancelled() => return CloseReason::Shutdown,
-            _ = stops.banned.cancelled() => return CloseReason::Banned,
-            _ = &mut lifetime, if stops.lifetime_end.is_some() => return CloseReason::Lifetime,
-            _ = &mut changed => {
+        let woke = std::future::poll_fn(|cx| {
+            if gate.woken(cx) {
+                let mut gated = gate.context();
+                let stop = if force.as_mut().poll(&mut gated).is_ready() {
+                    Some(Stop::Force)
+                } else if banned.as_mut().poll(&mut gated).is_ready() {
+                    Some(Stop::Banned)
+                } else if stops.lifetime_end.is_some()
+                    && lifetime.as_mut().poll(&mut gated).is_ready()
+                {
+                    Some(Stop::Lifetime)
+                } else if changed.as_mut().poll(&mut gated).is_ready() {
+                    Some(Stop::Changed)
+                } else if idle.as_mut().poll(&mut gated).is_ready() {
+                    Some(Stop::Idle)
+                } else {
+                    None
+                };
+                if let Some(stop) = stop {
+                    // Ready ones are replaced or reset: poll them all again next time.
+                    gate.rearm();
+                    return Poll::Ready(Err(stop));
+                }
+            }
+            copy.as_mut().poll(cx).map(Ok)
+        })
+        .await;
+        match woke {
+            Ok(result) => return finished(result, &state),
+            Err(Stop::Force) => return CloseReason::Shutdown,
+            Err(Stop::Banned) => return CloseReason::Banned,
+            Err(Stop::Lifetime) => return CloseReason::Lifetime,
+            Err(Stop::Changed) => {
                 // Subscribe again before checking, so that no change is missed.
                 changed.set((stops.subscribe)().cancelled_owned());
                 if let Err(reason) = (stops.still_allowed)() {
                     return reason;
                 }
             }
-            _ = &mut idle => {
+            Err(Stop::Idle) => {
                 let last = state.last_activity();
                 if last.elapsed() >= stops.idle_timeout {
                     return CloseReason::IdleTimeout;
@@ -98,6 +131,17 @@ where
             }
         }
     }
+}
+
+/// What interrupts the relay before both directions have ended.
+enum Stop {
+    Force,
+    Banned,
+    Lifetime,
+    /// The rules changed (reload, admin ban): the connection checks itself again.
+    Changed,
+    /// The idle timer fired: closed if nothing moved since it was set.
+    Idle,
 }
 
 /// The close reason once both directions ended or one failed.
