@@ -176,5 +176,7 @@ echo
 echo "\"best\" is the better of HAProxy and nginx in that row. Server CPU per relayed message is"
 echo "the inverse of \"requests per server CPU-second\": a ratio above 1 there means less CPU"
 echo "per message for portcullis. For p99 a ratio below 1 is better for portcullis."
+echo "The profile behind these rows (instructions and system calls per message, what bounds"
+echo "the CPU per message): benches/relay-profile.md."
 echo
 print_notes_and_results
