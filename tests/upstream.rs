@@ -403,9 +403,9 @@ fn check_config_validates_and_resolves_the_upstream() {
     }
 }
 
-/// An example's binary. `cargo test` builds the examples next to the test binaries; a
-/// selective run (`--test upstream`) does not, so then it is built here once.
-fn example_binary(name: &str) -> std::path::PathBuf {
+/// The `upstream_echo` example's binary, built here once per test process.
+fn upstream_echo_binary() -> std::path::PathBuf {
+    const NAME: &str = "upstream_echo";
     let deps = std::env::current_exe().unwrap();
     let exe = deps
         .parent()
@@ -413,15 +413,18 @@ fn example_binary(name: &str) -> std::path::PathBuf {
         .parent()
         .unwrap()
         .join("examples")
-        .join(name);
-    if !exe.exists() {
+        .join(NAME);
+    // Built once per test process, always: a selective `cargo test --test upstream` does not
+    // rebuild examples, and a stale binary would test old code. A no-op when up to date.
+    static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    BUILT.get_or_init(|| {
         let status = std::process::Command::new(env!("CARGO"))
-            .args(["build", "--quiet", "--locked", "--example", name])
+            .args(["build", "--quiet", "--locked", "--example", NAME])
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .status()
             .expect("cargo build --example");
         assert!(status.success());
-    }
+    });
     exe
 }
 
@@ -572,7 +575,7 @@ struct Echo {
 impl Echo {
     /// Starts it and returns it with the address its first line names.
     fn start(listen: &str) -> (Echo, String) {
-        let exe = example_binary("upstream_echo");
+        let exe = upstream_echo_binary();
         let mut child = std::process::Command::new(exe)
             .arg(listen)
             .stdout(std::process::Stdio::piped())
