@@ -103,7 +103,7 @@ value() {
 }
 
 ratio() {
-    awk -v a="$1" -v b="$2" 'BEGIN { if (a == "" || b == "" || b + 0 == 0) print "n/a"; else printf "%.2f\n", a / b }'
+    awk -v a="$1" -v b="$2" 'BEGIN { if (a == "" || b == "" || b + 0 == 0 || a ~ /inf/ || b ~ /inf/) print "n/a"; else printf "%.2f\n", a / b }'
 }
 
 
