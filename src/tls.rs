@@ -8,10 +8,17 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use rustls::crypto::aws_lc_rs::cipher_suite::{
+    TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256,
+    TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256, TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+    TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256, TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+    TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384, TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+};
 use rustls::crypto::aws_lc_rs::kx_group::{SECP256R1, SECP384R1, X25519, X25519MLKEM768};
 use rustls::crypto::{CryptoProvider, SupportedKxGroup};
 use rustls::server::danger::ClientCertVerifier;
 use rustls::server::WebPkiClientVerifier;
+use rustls::SupportedCipherSuite;
 use rustls::{RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, UnixTime};
@@ -136,13 +143,34 @@ impl TlsMaterial {
 }
 
 /// aws-lc-rs (rustls' default provider; ring has no post-quantum key exchange) with
-/// [`KX_GROUPS`]; its cipher suites in its own order, AES-256-GCM first.
+/// [`KX_GROUPS`] and [`CIPHER_SUITES`].
 fn provider() -> CryptoProvider {
     CryptoProvider {
         kx_groups: KX_GROUPS.to_vec(),
+        cipher_suites: CIPHER_SUITES.to_vec(),
         ..rustls::crypto::aws_lc_rs::default_provider()
     }
 }
+
+/// aws-lc-rs' suites in server preference, AES-128-GCM first in each TLS version (as Go's
+/// and BoringSSL's servers order them). AES-128 matches the strength of the key exchange
+/// and signature (X25519, P-256: 128-bit), and is in NIST's first post-quantum security
+/// category; its suite's SHA-256 key schedule runs on the SHA extensions of current x86 and
+/// ARM CPUs, which have none for SHA-384: with AES-256-GCM-SHA384 first, SHA-512 blocks
+/// were 14-19 % of a full handshake's server CPU here (benches/compare-results.md). The
+/// other suites stay for clients that offer only them, and `cipher_preference = "client"`
+/// gives a client that prefers AES-256 its choice.
+const CIPHER_SUITES: &[SupportedCipherSuite] = &[
+    TLS13_AES_128_GCM_SHA256,
+    TLS13_AES_256_GCM_SHA384,
+    TLS13_CHACHA20_POLY1305_SHA256,
+    TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+    TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+    TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+    TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+    TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+    TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+];
 
 /// The client-certificate verifier of `settings`, when mTLS is on. With CRLs, only the
 /// client's own certificate is checked for revocation, and a certificate whose issuer has no

@@ -68,7 +68,7 @@ async fn text_token_client_reaches_the_upstream_with_its_identity_after_auth_onl
         subs,
         vec![
             (0x21, "TLSv1.3".to_string()),
-            (0x23, "TLS13_AES_256_GCM_SHA384".to_string()),
+            (0x23, "TLS13_AES_128_GCM_SHA256".to_string()),
         ]
     );
 
