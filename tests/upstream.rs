@@ -6,7 +6,7 @@ mod support;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use support::upstream::MockUpstream;
+use support::upstream::{MockUpstream, UpstreamConn};
 use support::{http_get, sample, Client, ClientOptions, Process, TestCerts, ALICE_TOKEN};
 
 /// `[upstream]` for `servers`, passive health only (no check connections), plus `extra`.
@@ -179,12 +179,8 @@ async fn unauthenticated_clients_never_cost_an_upstream_connection() {
 #[tokio::test]
 async fn oversize_and_rate_limited_messages_are_refused_and_not_forwarded() {
     let certs = TestCerts::new();
-    let mut upstream = MockUpstream::start().await;
     let extra = "[limits]\ncommands_per_second = 1\ncommands_burst = 2\n";
-    let gateway = Process::gateway(&certs, &upstream_config(&[upstream.addr], extra));
-    let mut client = Client::authed(gateway.addr, &certs).await; // AUTH takes one token
-    let mut conn = upstream.next().await;
-    conn.read_header().await;
+    let (_upstream, _gateway, mut client, mut conn) = relayed(&certs, extra).await; // AUTH takes one token
     client.send_line("one").await;
     assert_eq!(
         client.request_line("two").await,
@@ -403,6 +399,18 @@ fn check_config_validates_and_resolves_the_upstream() {
     }
 }
 
+/// A gateway relaying to a mock upstream (`extra` appended to its `[upstream]` section), a
+/// token client authenticated through it, and the upstream's side of that client's
+/// connection with its PROXY header read.
+async fn relayed(certs: &TestCerts, extra: &str) -> (MockUpstream, Process, Client, UpstreamConn) {
+    let mut upstream = MockUpstream::start().await;
+    let gateway = Process::gateway(certs, &upstream_config(&[upstream.addr], extra));
+    let client = Client::authed(gateway.addr, certs).await;
+    let mut conn = upstream.next().await;
+    conn.read_header().await;
+    (upstream, gateway, client, conn)
+}
+
 /// The `upstream_echo` example's binary, built here once per test process.
 fn upstream_echo_binary() -> std::path::PathBuf {
     const NAME: &str = "upstream_echo";
@@ -486,11 +494,7 @@ async fn health_checks_follow_rise_and_fall_and_drive_readyz() {
 #[tokio::test]
 async fn an_upstream_failing_mid_connection_closes_the_client_and_is_counted() {
     let certs = TestCerts::new();
-    let mut upstream = MockUpstream::start().await;
-    let gateway = Process::gateway(&certs, &upstream_config(&[upstream.addr], ""));
-    let mut client = Client::authed(gateway.addr, &certs).await;
-    let mut conn = upstream.next().await;
-    conn.read_header().await;
+    let (_upstream, gateway, mut client, mut conn) = relayed(&certs, "").await;
     conn.write_frame(b"before the reset").await;
     assert_eq!(client.read_line().await, "before the reset");
     conn.stream.set_zero_linger().unwrap();
@@ -807,11 +811,7 @@ async fn buffers_stay_bounded_against_a_flooding_upstream_and_a_flooding_client(
 #[tokio::test]
 async fn sigterm_leaves_relayed_connections_to_finish() {
     let certs = TestCerts::new();
-    let mut upstream = MockUpstream::start().await;
-    let mut gateway = Process::gateway(&certs, &upstream_config(&[upstream.addr], ""));
-    let mut client = Client::authed(gateway.addr, &certs).await;
-    let mut conn = upstream.next().await;
-    conn.read_header().await;
+    let (_upstream, mut gateway, mut client, mut conn) = relayed(&certs, "").await;
     gateway.signal(libc::SIGTERM);
     tokio::time::sleep(Duration::from_millis(300)).await;
     // Draining: the relayed connection goes on, both ways.
@@ -921,12 +921,8 @@ async fn the_readme_python_reader_works_as_an_upstream() {
 async fn stream_mode_closes_only_when_both_directions_are_idle() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let certs = TestCerts::new();
-    let mut upstream = MockUpstream::start().await;
     let extra = "mode = \"stream\"\n[limits]\nidle_timeout = \"1s\"\n";
-    let gateway = Process::gateway(&certs, &upstream_config(&[upstream.addr], extra));
-    let mut client = Client::authed(gateway.addr, &certs).await;
-    let mut conn = upstream.next().await;
-    conn.read_header().await;
+    let (_upstream, gateway, mut client, mut conn) = relayed(&certs, extra).await;
     // Only the upstream talks, for twice the idle timeout: the connection stays.
     for _ in 0..8 {
         conn.stream.write_all(b"tick").await.unwrap();
@@ -1079,12 +1075,8 @@ async fn with_forced_framing_an_mtls_client_is_connected_right_after_its_handsha
 #[tokio::test]
 async fn messages_mode_stays_open_while_messages_flow_and_closes_as_idle_after_the_last() {
     let certs = TestCerts::new();
-    let mut upstream = MockUpstream::start().await;
     let extra = "[limits]\nidle_timeout = \"1s\"\n";
-    let gateway = Process::gateway(&certs, &upstream_config(&[upstream.addr], extra));
-    let mut client = Client::authed(gateway.addr, &certs).await;
-    let mut conn = upstream.next().await;
-    conn.read_header().await;
+    let (_upstream, gateway, mut client, mut conn) = relayed(&certs, extra).await;
     // Messages both ways for 2.5 times the idle timeout: its timer fires before the
     // deadline the traffic keeps moving, and must not close the connection.
     for i in 0..10 {
