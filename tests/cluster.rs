@@ -432,14 +432,20 @@ fn admin_replica(certs: &TestCerts, redis: &RedisServer, extra: &str) -> Process
     replica(certs, Some(redis), &format!("{}{extra}", admin_section(16)))
 }
 
+/// Two replicas of `admin_replica`, both synced with Redis.
+fn two_admin_replicas(certs: &TestCerts, redis: &RedisServer, extra: &str) -> (Process, Process) {
+    let a = admin_replica(certs, redis, extra);
+    let b = admin_replica(certs, redis, extra);
+    wait_cluster_up(&a, 1.0, Duration::from_secs(5));
+    wait_cluster_up(&b, 1.0, Duration::from_secs(5));
+    (a, b)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_admin_ban_posted_on_one_replica_holds_on_every_replica() {
     let certs = TestCerts::new();
     let redis = RedisServer::start();
-    let a = admin_replica(&certs, &redis, "");
-    let b = admin_replica(&certs, &redis, "");
-    wait_cluster_up(&a, 1.0, Duration::from_secs(5));
-    wait_cluster_up(&b, 1.0, Duration::from_secs(5));
+    let (a, b) = two_admin_replicas(&certs, &redis, "");
     // Open on B while the ban is posted on A.
     let mut open = Client::connect_with(b.addr, &certs, from(81))
         .await
@@ -502,10 +508,7 @@ async fn a_ban_lifted_on_one_replica_is_lifted_on_every_replica() {
     let certs = TestCerts::new();
     let redis = RedisServer::start();
     let auth = "[auth]\nmax_failures = 1\nban_duration = \"1h\"\n";
-    let a = admin_replica(&certs, &redis, auth);
-    let b = admin_replica(&certs, &redis, auth);
-    wait_cluster_up(&a, 1.0, Duration::from_secs(5));
-    wait_cluster_up(&b, 1.0, Duration::from_secs(5));
+    let (a, b) = two_admin_replicas(&certs, &redis, auth);
     let limit = SYNC + Duration::from_secs(1);
     // An admin ban posted on A, and an authentication-failure ban made on A (shared).
     let (status, body) = post_ban(a.admin, r#"{"cidr": "127.0.0.90/31", "duration": "1h"}"#).await;
@@ -548,10 +551,7 @@ async fn a_ban_lifted_on_one_replica_is_lifted_on_every_replica() {
 async fn admin_bans_made_while_redis_is_down_are_shared_when_it_is_back() {
     let certs = TestCerts::new();
     let mut redis = RedisServer::start();
-    let a = admin_replica(&certs, &redis, "");
-    let b = admin_replica(&certs, &redis, "");
-    wait_cluster_up(&a, 1.0, Duration::from_secs(5));
-    wait_cluster_up(&b, 1.0, Duration::from_secs(5));
+    let (a, b) = two_admin_replicas(&certs, &redis, "");
     let limit = SYNC + Duration::from_secs(1);
     // Shared before the outage.
     assert_eq!(
@@ -685,10 +685,7 @@ async fn lifting_a_key_stays_cheap_however_large_the_ban_set_grows() {
     let certs = TestCerts::new();
     let redis = RedisServer::start();
     let auth = "[auth]\nmax_failures = 1\nban_duration = \"1h\"\n";
-    let a = admin_replica(&certs, &redis, auth);
-    let b = admin_replica(&certs, &redis, auth);
-    wait_cluster_up(&a, 1.0, Duration::from_secs(5));
-    wait_cluster_up(&b, 1.0, Duration::from_secs(5));
+    let (a, b) = two_admin_replicas(&certs, &redis, auth);
     let limit = SYNC + Duration::from_secs(1);
     bad_token(a.addr, &certs, 110).await;
     bad_token(a.addr, &certs, 110).await;
@@ -801,10 +798,7 @@ async fn the_admin_ban_list_read_from_redis_is_checked_and_capped() {
 async fn a_redis_gone_back_in_time_does_not_roll_the_admin_bans_back() {
     let certs = TestCerts::new();
     let redis = RedisServer::start();
-    let a = admin_replica(&certs, &redis, "");
-    let b = admin_replica(&certs, &redis, "");
-    wait_cluster_up(&a, 1.0, Duration::from_secs(5));
-    wait_cluster_up(&b, 1.0, Duration::from_secs(5));
+    let (a, b) = two_admin_replicas(&certs, &redis, "");
     let limit = SYNC + Duration::from_secs(1);
     let version = "portcullis:adminbans:version";
     let mut connection = redis.connection().unwrap();
