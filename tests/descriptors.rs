@@ -5,7 +5,6 @@
 
 mod support;
 
-use std::os::unix::process::CommandExt;
 use std::time::{Duration, Instant};
 
 use support::*;
@@ -33,27 +32,7 @@ async fn over_the_open_file_limit_a_client_is_refused_not_left_in_the_backlog() 
         "[limits]\nconnection_rate_per_ip = 10000\nconnection_burst_per_ip = 10000\n\
          handshake_timeout = \"30s\"\n",
     );
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"));
-    command.args([
-        "--config",
-        config.to_str().unwrap(),
-        "--admin-listen",
-        "127.0.0.1:0",
-    ]);
-    // SAFETY: setrlimit is async-signal-safe and touches only the child's limits.
-    unsafe {
-        command.pre_exec(|| {
-            let limit = libc::rlimit {
-                rlim_cur: NOFILE,
-                rlim_max: NOFILE,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let gateway = Process::spawn_command(command);
+    let gateway = Process::gateway_with_nofile(&config, NOFILE);
     let log = gateway.stderr();
     assert!(
         log.contains("open-file limit (RLIMIT_NOFILE) is 256")

@@ -235,33 +235,12 @@ async fn openssl_s_client_speaks_text_mode() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn accept_loop_survives_running_out_of_file_descriptors() {
-    use std::os::unix::process::CommandExt;
     let certs = TestCerts::new();
     let config = write_config(
         &certs,
         "[limits]\nconnection_rate_per_ip = 1000\nconnection_burst_per_ip = 1000\n",
     );
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"));
-    command.args([
-        "--config",
-        config.to_str().unwrap(),
-        "--admin-listen",
-        "127.0.0.1:0",
-    ]);
-    // SAFETY: setrlimit is async-signal-safe and touches only the child's limits.
-    unsafe {
-        command.pre_exec(|| {
-            let limit = libc::rlimit {
-                rlim_cur: 48,
-                rlim_max: 48,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let gateway = Process::spawn_command(command);
+    let gateway = Process::gateway_with_nofile(&config, 48);
     // Far more connections than descriptors: accept fails with EMFILE for a while.
     let mut held = Vec::new();
     for _ in 0..80 {

@@ -342,6 +342,29 @@ impl Process {
         Process::spawn_command(command)
     }
 
+    /// The gateway binary on `config` (admin on a free port) with its open-file limit, soft
+    /// and hard, set to `nofile` before it starts.
+    pub fn gateway_with_nofile(config: &Path, nofile: libc::rlim_t) -> Process {
+        use std::os::unix::process::CommandExt;
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"));
+        command.arg("--config").arg(config);
+        command.args(["--admin-listen", "127.0.0.1:0"]);
+        // SAFETY: setrlimit is async-signal-safe and touches only the child's limits.
+        unsafe {
+            command.pre_exec(move || {
+                let limit = libc::rlimit {
+                    rlim_cur: nofile,
+                    rlim_max: nofile,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Process::spawn_command(command)
+    }
+
     /// Starts a prepared command and waits for its "serving" log line.
     pub fn spawn_command(mut command: std::process::Command) -> Process {
         use std::io::{BufRead, BufReader};
