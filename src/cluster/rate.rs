@@ -17,10 +17,9 @@ pub const WINDOW: Duration = Duration::from_secs(10);
 /// One-second buckets summed per check: 11 of them cover every 10 s window, wherever it
 /// starts, so that the last admission of any window saw all the others of that window.
 pub const BUCKETS: u64 = 11;
-/// The most keys in one sync. The script costs Redis a few commands per key: 20,000 keys
-/// took it ~330 ms, longer than a sync interval, so an address spray could push every
-/// replica past its Redis timeout and into standalone mode. 2,000 keeps a call near
-/// 30 ms. Keys with new admissions go first (their counts must reach the cluster); the
+/// The most keys in one sync, so that an address spray cannot make one script call long
+/// enough to push replicas past their Redis timeout and into standalone mode (20,000 keys
+/// once took a call ~330 ms). Keys with new admissions go first (their counts must reach the cluster); the
 /// room left goes to keys that only fetch the cluster's total, in turns.
 pub const MAX_KEYS_PER_SYNC: usize = 2_000;
 

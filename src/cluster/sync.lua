@@ -7,11 +7,14 @@
 -- KEYS[4] admin ban zset (member: network, score: until ms)
 -- KEYS[5] admin ban version ("<counter> <nonce>": the counter grows at every change of
 --         KEYS[4], so a replica can tell a Redis that went back in time)
--- KEYS[5 + i], i = 1..n_rate: the rate hash of a client key (field: second, value: count)
--- KEYS[5 + n_rate + i], i = 1..n_fail: the failure zset of a client key
+-- KEYS[6] rate totals hash (field: client key, value: admissions in the last `buckets`
+--         seconds; field ":expired": the newest second already taken out of the totals)
+-- KEYS[7 + j], j = 0..buckets: the rate hash of one second, the second s in slot
+--         s mod (buckets + 1) (field: client key, value: count; field ":second": s)
+-- KEYS[7 + buckets + i], i = 1..n_fail: the failure zset of a client key
 -- ARGV: replica id, n_rate, n_fail, ban cursor (ms, 0 = all live bans), failure window ms,
 --       max_failures, ban ms, buckets, load score (-1: not loading), load skip, page size,
---       then n_rate counts, n_fail counts, n_fail client keys,
+--       then n_rate counts, n_rate client keys, n_fail counts, n_fail client keys,
 --       then the admin part: known version ("" = none), max_bans, new version nonce,
 --       republish (1: the ops republish the bans a replica holds), n_ops,
 --       then n_ops triples (kind: "ban" | "lift" | "key", network or client key, ban ms).
@@ -43,32 +46,80 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - replica_ttl)
 local replicas = redis.call('ZCARD', KEYS[1])
 redis.call('PEXPIRE', KEYS[1], replica_ttl)
 
-local totals = {}
-for i = 1, n_rate do
-  local key = KEYS[5 + i]
-  local add = tonumber(ARGV[base + i])
-  if add > 0 then
-    redis.call('HINCRBY', key, sec, add)
-  end
+-- Connection rates: publishing costs two HINCRBY per key with new admissions, the totals
+-- of the whole batch one HMGET, and each second's counts leave the totals once, in the
+-- first sync after they left the window (one pass over that second's hash): the work per
+-- call grows with the admissions, not with the keys fetched times the window's seconds.
+local totals_key = KEYS[6]
+local slots = buckets + 1
+local function slot_key(s)
+  return KEYS[7 + s % slots]
+end
+-- Takes one second's counts out of the totals and deletes its hash.
+local function drop_second(key)
   local flat = redis.call('HGETALL', key)
-  local total = 0
   for j = 1, #flat, 2 do
-    if tonumber(flat[j]) > sec - buckets then
-      total = total + tonumber(flat[j + 1])
-    else
-      redis.call('HDEL', key, flat[j])
+    if flat[j] ~= ':second' and redis.call('HINCRBY', totals_key, flat[j], -tonumber(flat[j + 1])) <= 0 then
+      redis.call('HDEL', totals_key, flat[j])
     end
   end
-  if total > 0 then
-    redis.call('PEXPIRE', key, (buckets + 1) * 1000)
+  redis.call('DEL', key)
+end
+local expire_to = sec - buckets
+local expired = tonumber(redis.call('HGET', totals_key, ':expired') or '')
+if expired == nil or expired < expire_to - slots then
+  -- No sync for longer than the window (every key expired, or Redis restarted empty):
+  -- nothing left counts.
+  redis.call('DEL', totals_key)
+  for j = 0, buckets do
+    redis.call('DEL', KEYS[7 + j])
   end
-  totals[i] = total
+  expired = expire_to
+end
+for s = expired + 1, expire_to do
+  if tonumber(redis.call('HGET', slot_key(s), ':second') or '') == s then
+    drop_second(slot_key(s))
+  end
+end
+redis.call('HSET', totals_key, ':expired', math.max(expired, expire_to))
+redis.call('PEXPIRE', totals_key, (buckets + 1) * 1000)
+
+local now_key = slot_key(sec)
+local fields = {}
+local fresh = false
+for i = 1, n_rate do
+  local add = tonumber(ARGV[base + i])
+  local client = ARGV[base + n_rate + i]
+  fields[i] = client
+  if add > 0 then
+    if not fresh then
+      fresh = true
+      -- The slot may still hold a second that is not `sec` (Redis' clock went back).
+      local held = tonumber(redis.call('HGET', now_key, ':second') or '')
+      if held ~= sec then
+        if held ~= nil then
+          drop_second(now_key)
+        end
+        redis.call('HSET', now_key, ':second', sec)
+      end
+      redis.call('PEXPIRE', now_key, (buckets + 2) * 1000)
+    end
+    redis.call('HINCRBY', now_key, client, add)
+    redis.call('HINCRBY', totals_key, client, add)
+  end
+end
+local totals = {}
+if n_rate > 0 then
+  local got = redis.call('HMGET', totals_key, unpack(fields))
+  for i = 1, n_rate do
+    totals[i] = tonumber(got[i]) or 0
+  end
 end
 
 for i = 1, n_fail do
-  local key = KEYS[5 + n_rate + i]
-  local count = tonumber(ARGV[base + n_rate + i])
-  local client = ARGV[base + n_rate + n_fail + i]
+  local key = KEYS[7 + buckets + i]
+  local count = tonumber(ARGV[base + 2 * n_rate + i])
+  local client = ARGV[base + 2 * n_rate + n_fail + i]
   for k = 1, count do
     redis.call('ZADD', key, now, id .. ':' .. now .. ':' .. k)
   end
@@ -87,7 +138,7 @@ for i = 1, n_fail do
 end
 
 -- Admin bans (SPEC 9), see src/cluster/admin.rs.
-local a = base + n_rate + 2 * n_fail
+local a = base + 2 * n_rate + 2 * n_fail
 local known = ARGV[a + 1]
 local max_bans = tonumber(ARGV[a + 2])
 local nonce = ARGV[a + 3]

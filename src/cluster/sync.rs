@@ -250,9 +250,10 @@ impl Link<'_> {
             .key(format!("{prefix}bans"))
             .key(format!("{prefix}banlog"))
             .key(format!("{prefix}adminbans"))
-            .key(format!("{prefix}adminbans:version"));
-        for (key, _) in batch {
-            call.key(format!("{prefix}rate:{key}"));
+            .key(format!("{prefix}adminbans:version"))
+            .key(format!("{prefix}rate"));
+        for slot in 0..=BUCKETS {
+            call.key(format!("{prefix}rate:second:{slot}"));
         }
         for (key, _) in failures {
             call.key(format!("{prefix}fail:{key}"));
@@ -270,6 +271,9 @@ impl Link<'_> {
             .arg(MAX_KEYS_PER_SYNC);
         for (_, count) in batch {
             call.arg(*count);
+        }
+        for (key, _) in batch {
+            call.arg(key.to_string());
         }
         for (_, count) in failures {
             call.arg(*count);

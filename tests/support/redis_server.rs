@@ -82,6 +82,15 @@ impl RedisServer {
     }
 
     /// The TTL of `key` in milliseconds (-1: none, -2: no such key).
+    /// The number of fields of the hash at `key` (0 when absent).
+    pub fn hlen(&self, key: &str) -> u64 {
+        let mut connection = self.connection().expect("redis connection");
+        redis::cmd("HLEN")
+            .arg(key)
+            .query(&mut connection)
+            .expect("HLEN")
+    }
+
     pub fn pttl(&self, key: &str) -> i64 {
         let mut connection = self.connection().expect("redis connection");
         redis::cmd("PTTL")
