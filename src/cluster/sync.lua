@@ -46,23 +46,58 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - replica_ttl)
 local replicas = redis.call('ZCARD', KEYS[1])
 redis.call('PEXPIRE', KEYS[1], replica_ttl)
 
--- Connection rates: publishing costs two HINCRBY per key with new admissions, the totals
--- of the whole batch one HMGET, and each second's counts leave the totals once, in the
--- first sync after they left the window (one pass over that second's hash): the work per
--- call grows with the admissions, not with the keys fetched times the window's seconds.
+-- Connection rates. A command called from Lua costs more than the work it does on a few
+-- fields, so every step is a handful of multi-field commands whatever the batch's size:
+-- publishing reads the current second's counts and the totals of the keys with new
+-- admissions and writes both back (HMGET, HSET), the batch's totals are one HMGET, and a
+-- second's counts leave the totals once, in the first sync after it left the window (one
+-- pass over that second's hash). Fields go in chunks: Lua's unpack has a stack limit.
 local totals_key = KEYS[6]
 local slots = buckets + 1
+local chunk = 1000
 local function slot_key(s)
   return KEYS[7 + s % slots]
+end
+-- The counts of `names` in the hash at `key`, 0 where absent.
+local function counts_of(key, names)
+  local out = {}
+  for first = 1, #names, chunk do
+    local got = redis.call('HMGET', key, unpack(names, first, math.min(first + chunk - 1, #names)))
+    for j = 1, #got do
+      out[first + j - 1] = tonumber(got[j]) or 0
+    end
+  end
+  return out
+end
+-- Runs `command key ...` over `args` in chunks of `step` arguments.
+local function chunked(command, key, args, step)
+  for first = 1, #args, step do
+    redis.call(command, key, unpack(args, first, math.min(first + step - 1, #args)))
+  end
 end
 -- Takes one second's counts out of the totals and deletes its hash.
 local function drop_second(key)
   local flat = redis.call('HGETALL', key)
+  local names, counts = {}, {}
   for j = 1, #flat, 2 do
-    if flat[j] ~= ':second' and redis.call('HINCRBY', totals_key, flat[j], -tonumber(flat[j + 1])) <= 0 then
-      redis.call('HDEL', totals_key, flat[j])
+    if flat[j] ~= ':second' then
+      names[#names + 1] = flat[j]
+      counts[#counts + 1] = tonumber(flat[j + 1])
     end
   end
+  local have = counts_of(totals_key, names)
+  local keep, gone = {}, {}
+  for j = 1, #names do
+    local left = have[j] - counts[j]
+    if left > 0 then
+      keep[#keep + 1] = names[j]
+      keep[#keep + 1] = left
+    else
+      gone[#gone + 1] = names[j]
+    end
+  end
+  chunked('HSET', totals_key, keep, 2 * chunk)
+  chunked('HDEL', totals_key, gone, chunk)
   redis.call('DEL', key)
 end
 local expire_to = sec - buckets
@@ -84,37 +119,38 @@ end
 redis.call('HSET', totals_key, ':expired', math.max(expired, expire_to))
 redis.call('PEXPIRE', totals_key, (buckets + 1) * 1000)
 
-local now_key = slot_key(sec)
-local fields = {}
-local fresh = false
+-- The batch's keys are distinct (a map's keys), so read, add and write back is exact.
+local fields, added, adds = {}, {}, {}
 for i = 1, n_rate do
   local add = tonumber(ARGV[base + i])
-  local client = ARGV[base + n_rate + i]
-  fields[i] = client
+  fields[i] = ARGV[base + n_rate + i]
   if add > 0 then
-    if not fresh then
-      fresh = true
-      -- The slot may still hold a second that is not `sec` (Redis' clock went back).
-      local held = tonumber(redis.call('HGET', now_key, ':second') or '')
-      if held ~= sec then
-        if held ~= nil then
-          drop_second(now_key)
-        end
-        redis.call('HSET', now_key, ':second', sec)
-      end
-      redis.call('PEXPIRE', now_key, (buckets + 2) * 1000)
+    added[#added + 1] = fields[i]
+    adds[#adds + 1] = add
+  end
+end
+if #added > 0 then
+  local now_key = slot_key(sec)
+  -- The slot may still hold a second that is not `sec` (Redis' clock went back).
+  local held = tonumber(redis.call('HGET', now_key, ':second') or '')
+  if held ~= sec then
+    if held ~= nil then
+      drop_second(now_key)
     end
-    redis.call('HINCRBY', now_key, client, add)
-    redis.call('HINCRBY', totals_key, client, add)
+    redis.call('HSET', now_key, ':second', sec)
+  end
+  redis.call('PEXPIRE', now_key, (buckets + 2) * 1000)
+  for _, key in ipairs({ now_key, totals_key }) do
+    local have = counts_of(key, added)
+    local flat = {}
+    for j = 1, #added do
+      flat[2 * j - 1] = added[j]
+      flat[2 * j] = have[j] + adds[j]
+    end
+    chunked('HSET', key, flat, 2 * chunk)
   end
 end
-local totals = {}
-if n_rate > 0 then
-  local got = redis.call('HMGET', totals_key, unpack(fields))
-  for i = 1, n_rate do
-    totals[i] = tonumber(got[i]) or 0
-  end
-end
+local totals = counts_of(totals_key, fields)
 
 for i = 1, n_fail do
   local key = KEYS[7 + buckets + i]
