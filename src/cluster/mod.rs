@@ -22,12 +22,14 @@
 //! admissions since then. It admits a connection only while `seen + unconfirmed < L` and
 //! `unconfirmed < a`, with `a = max(1, L / (8 N))`, `N` the replicas that synced in the last
 //! 5 s. Redis holds one hash per second (field: client key, value: count; twelve hashes
-//! used in turn) and one of totals over the last 11 seconds (field: client key), from which
-//! each second's counts are taken out once, by the first sync after it left the window. So
-//! a sync costs Redis two increments per key with new admissions and one `HMGET` for the
-//! whole batch's totals; a per-key hash of seconds, summed by the script, cost several
-//! commands per key fetched and took Redis 0.11 core for one replica at 5,000
-//! handshakes/s over 3,200 keys (`benches/cluster.sh`).
+//! used in turn) and one of totals (field: client key). A second that left the 11-second
+//! window is drained out of the totals, oldest first, at most 4,000 fields per sync call
+//! (so that no call's work grows with an address spray or the number of replicas: each
+//! call adds at most 2,000); until then its counts still count, which only refuses
+//! earlier. A sync costs Redis a few multi-field commands (`HMGET`, `HSET`) whatever the
+//! batch's size; a per-key hash of seconds, summed by the script, cost several commands
+//! per key fetched and took Redis 0.11 core for one replica at 5,000 handshakes/s over
+//! 3,200 keys (`benches/cluster.sh`).
 //!
 //! Why any 10 s window stays within `1.25 × L`: a 10 s window lies inside 11 consecutive
 //! one-second buckets, so the last admission of the window, made by some replica `R`,
@@ -82,11 +84,13 @@
 //! # Every key has a TTL
 //!
 //! The script sets a TTL on every key in the same atomic call that writes it: the rate
-//! totals 12 s and each second's hash 13 s, failure sets `failure_window`, bans the longest live ban, the ban log 60 s, the
+//! totals 12 s (every sync refreshes it), each second's hash 60 s (it is drained well
+//! before: its counts would otherwise stay in the totals, so Redis must not evict keys),
+//! failure sets `failure_window`, bans the longest live ban, the ban log 60 s, the
 //! replica set 5 s, the admin ban set and its version the longest admin ban (at most 365
 //! days; at most `admin.max_bans` members); ticket keys two rotation periods and a minute.
 //! Rates are a fixed set of 13 keys whatever the number of client keys (a spray adds
-//! fields, each gone within 12 s); failure sets are bounded by what a spray writes in
+//! fields, drained once out of the window); failure sets are bounded by what a spray writes in
 //! `failure_window` (each failure costs a TLS handshake).
 
 pub mod admin;

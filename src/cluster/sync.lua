@@ -7,10 +7,11 @@
 -- KEYS[4] admin ban zset (member: network, score: until ms)
 -- KEYS[5] admin ban version ("<counter> <nonce>": the counter grows at every change of
 --         KEYS[4], so a replica can tell a Redis that went back in time)
--- KEYS[6] rate totals hash (field: client key, value: admissions in the last `buckets`
---         seconds; field ":expired": the newest second already taken out of the totals)
+-- KEYS[6] rate totals hash (field: client key, value: admissions in the seconds not yet
+--         drained out of it: the last `buckets`, and any whose draining is under way)
 -- KEYS[7 + j], j = 0..buckets: the rate hash of one second, the second s in slot
---         s mod (buckets + 1) (field: client key, value: count; field ":second": s)
+--         s mod (buckets + 1) (field: client key, value: count; field ":second": s;
+--         field ":cursor": where draining goes on)
 -- KEYS[7 + buckets + i], i = 1..n_fail: the failure zset of a client key
 -- ARGV: replica id, n_rate, n_fail, ban cursor (ms, 0 = all live bans), failure window ms,
 --       max_failures, ban ms, buckets, load score (-1: not loading), load skip, page size,
@@ -47,17 +48,18 @@ local replicas = redis.call('ZCARD', KEYS[1])
 redis.call('PEXPIRE', KEYS[1], replica_ttl)
 
 -- Connection rates. A command called from Lua costs more than the work it does on a few
--- fields, so every step is a handful of multi-field commands whatever the batch's size:
--- publishing reads the current second's counts and the totals of the keys with new
--- admissions and writes both back (HMGET, HSET), the batch's totals are one HMGET, and a
--- second's counts leave the totals once, in the first sync after it left the window (one
--- pass over that second's hash). Fields go in chunks: Lua's unpack has a stack limit.
+-- fields, so each step is a few multi-field commands (in chunks: Lua's unpack has a stack
+-- limit): publishing reads the current second's counts and the totals of the keys with
+-- new admissions and writes both back, and the batch's totals are one HMGET. A second that
+-- left the window is drained out of the totals oldest first, at most `2 × page_size`
+-- fields per call (HSCAN with a cursor kept in its hash), so no call's work grows with an
+-- address spray or the number of replicas: each call adds at most `page_size` fields and
+-- drains up to twice that. A second's hash lives until it is drained (60 s TTL as a
+-- backstop; Redis must not evict keys, see the README).
 local totals_key = KEYS[6]
 local slots = buckets + 1
 local chunk = 1000
-local function slot_key(s)
-  return KEYS[7 + s % slots]
-end
+local slot_ttl = 60000
 -- The counts of `names` in the hash at `key`, 0 where absent.
 local function counts_of(key, names)
   local out = {}
@@ -75,16 +77,8 @@ local function chunked(command, key, args, step)
     redis.call(command, key, unpack(args, first, math.min(first + step - 1, #args)))
   end
 end
--- Takes one second's counts out of the totals and deletes its hash.
-local function drop_second(key)
-  local flat = redis.call('HGETALL', key)
-  local names, counts = {}, {}
-  for j = 1, #flat, 2 do
-    if flat[j] ~= ':second' then
-      names[#names + 1] = flat[j]
-      counts[#counts + 1] = tonumber(flat[j + 1])
-    end
-  end
+-- Takes `counts` of `names` out of the totals (a field that reaches 0 goes).
+local function subtract(names, counts)
   local have = counts_of(totals_key, names)
   local keep, gone = {}, {}
   for j = 1, #names do
@@ -98,26 +92,61 @@ local function drop_second(key)
   end
   chunked('HSET', totals_key, keep, 2 * chunk)
   chunked('HDEL', totals_key, gone, chunk)
-  redis.call('DEL', key)
+end
+-- Drains the second held at `key` out of the totals: at least `budget` fields unless it
+-- ends first (all of it when `budget` is nil). Each field drained is deleted from the
+-- second's hash, so none is taken twice. Returns the fields drained and whether the hash
+-- is gone.
+local function drain(key, budget)
+  local cursor = redis.call('HGET', key, ':cursor') or '0'
+  local taken = 0
+  repeat
+    local page = redis.call('HSCAN', key, cursor, 'COUNT', chunk)
+    cursor = page[1]
+    local flat, names, counts, seen = page[2], {}, {}, {}
+    for j = 1, #flat, 2 do
+      local field = flat[j]
+      if field ~= ':second' and field ~= ':cursor' and not seen[field] then
+        seen[field] = true
+        names[#names + 1] = field
+        counts[#counts + 1] = tonumber(flat[j + 1])
+      end
+    end
+    subtract(names, counts)
+    chunked('HDEL', key, names, chunk)
+    taken = taken + #names
+  until cursor == '0' or (budget ~= nil and taken >= budget)
+  if cursor == '0' then
+    redis.call('UNLINK', key)
+    return taken, true
+  end
+  redis.call('HSET', key, ':cursor', cursor)
+  return taken, false
+end
+-- Which second each slot holds (nil: none).
+local held = {}
+for j = 0, slots - 1 do
+  held[j] = tonumber(redis.call('HGET', KEYS[7 + j], ':second') or '')
 end
 local expire_to = sec - buckets
-local expired = tonumber(redis.call('HGET', totals_key, ':expired') or '')
-if expired == nil or expired < expire_to - slots then
-  -- No sync for longer than the window (every key expired, or Redis restarted empty):
-  -- nothing left counts.
-  redis.call('DEL', totals_key)
-  for j = 0, buckets do
-    redis.call('DEL', KEYS[7 + j])
-  end
-  expired = expire_to
-end
-for s = expired + 1, expire_to do
-  if tonumber(redis.call('HGET', slot_key(s), ':second') or '') == s then
-    drop_second(slot_key(s))
+local due = {}
+for j = 0, slots - 1 do
+  if held[j] ~= nil and held[j] <= expire_to then
+    due[#due + 1] = j
   end
 end
-redis.call('HSET', totals_key, ':expired', math.max(expired, expire_to))
-redis.call('PEXPIRE', totals_key, (buckets + 1) * 1000)
+table.sort(due, function(x, y) return held[x] < held[y] end)
+local budget = 2 * page_size
+for _, j in ipairs(due) do
+  if budget <= 0 then
+    break
+  end
+  local taken, done = drain(KEYS[7 + j], budget)
+  budget = budget - taken
+  if done then
+    held[j] = nil
+  end
+end
 
 -- The batch's keys are distinct (a map's keys), so read, add and write back is exact.
 local fields, added, adds = {}, {}, {}
@@ -130,26 +159,29 @@ for i = 1, n_rate do
   end
 end
 if #added > 0 then
-  local now_key = slot_key(sec)
-  -- The slot may still hold a second that is not `sec` (Redis' clock went back).
-  local held = tonumber(redis.call('HGET', now_key, ':second') or '')
-  if held ~= sec then
-    if held ~= nil then
-      drop_second(now_key)
+  local j = sec % slots
+  local now_key = KEYS[7 + j]
+  if held[j] ~= sec then
+    -- The slot still holds another second: draining fell a whole window behind, or
+    -- Redis' clock went back. It must be out of the totals before the slot is reused.
+    if held[j] ~= nil then
+      drain(now_key, nil)
     end
     redis.call('HSET', now_key, ':second', sec)
   end
-  redis.call('PEXPIRE', now_key, (buckets + 2) * 1000)
+  redis.call('PEXPIRE', now_key, slot_ttl)
   for _, key in ipairs({ now_key, totals_key }) do
     local have = counts_of(key, added)
     local flat = {}
-    for j = 1, #added do
-      flat[2 * j - 1] = added[j]
-      flat[2 * j] = have[j] + adds[j]
+    for k = 1, #added do
+      flat[2 * k - 1] = added[k]
+      flat[2 * k] = have[k] + adds[k]
     end
     chunked('HSET', key, flat, 2 * chunk)
   end
 end
+-- Every sync refreshes it: it outlives the seconds it holds (they are written by syncs).
+redis.call('PEXPIRE', totals_key, (buckets + 1) * 1000)
 local totals = counts_of(totals_key, fields)
 
 for i = 1, n_fail do

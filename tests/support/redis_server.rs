@@ -81,7 +81,6 @@ impl RedisServer {
         keys
     }
 
-    /// The TTL of `key` in milliseconds (-1: none, -2: no such key).
     /// The number of fields of the hash at `key` (0 when absent).
     pub fn hlen(&self, key: &str) -> u64 {
         let mut connection = self.connection().expect("redis connection");
@@ -91,6 +90,7 @@ impl RedisServer {
             .expect("HLEN")
     }
 
+    /// The TTL of `key` in milliseconds (-1: none, -2: no such key).
     pub fn pttl(&self, key: &str) -> i64 {
         let mut connection = self.connection().expect("redis connection");
         redis::cmd("PTTL")
