@@ -99,9 +99,11 @@ end
 -- is gone.
 local function drain(key, budget)
   local cursor = redis.call('HGET', key, ':cursor') or '0'
+  local whole = budget == nil or redis.call('HLEN', key) <= budget
   local taken = 0
   repeat
-    local page = redis.call('HSCAN', key, cursor, 'COUNT', chunk)
+    -- All of it when it fits: no field needs deleting one by one.
+    local page = whole and { '0', redis.call('HGETALL', key) } or redis.call('HSCAN', key, cursor, 'COUNT', chunk)
     cursor = page[1]
     local flat, names, counts, seen = page[2], {}, {}, {}
     for j = 1, #flat, 2 do
@@ -113,7 +115,9 @@ local function drain(key, budget)
       end
     end
     subtract(names, counts)
-    chunked('HDEL', key, names, chunk)
+    if not whole then
+      chunked('HDEL', key, names, chunk)
+    end
     taken = taken + #names
   until cursor == '0' or (budget ~= nil and taken >= budget)
   if cursor == '0' then
