@@ -955,7 +955,7 @@ fn empty_sync(connection: &mut redis::Connection) {
         .arg(60_000)
         .arg(5)
         .arg(1_000);
-    call.arg(11).arg(-1).arg(0).arg(2_000);
+    call.arg(11).arg(-1).arg(0).arg(2_000).arg(0);
     call.arg("").arg(1024).arg("ab").arg(0).arg(0);
     let _: redis::Value = call.invoke(connection).expect("sync script");
 }

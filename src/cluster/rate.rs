@@ -109,7 +109,8 @@ impl SharedRate {
     /// unconfirmed), and moves pending counts into the batch to publish: `(key, count)`,
     /// the count 0 for keys whose total is only fetched. At most [`MAX_KEYS_PER_SYNC`]:
     /// keys with new admissions first (those left out keep their counts for the next
-    /// sync), then fetch-only keys, a different slice of them each sync.
+    /// sync), then fetch-only keys, a different slice of them each sync (the sync sends
+    /// counts only for the keys before the first 0).
     pub fn take_batch(&self) -> Vec<(IpAddr, u64)> {
         self.prune();
         let mut batch = Vec::with_capacity(self.entries.len().min(MAX_KEYS_PER_SYNC));

@@ -15,7 +15,8 @@
 -- KEYS[7 + buckets + i], i = 1..n_fail: the failure zset of a client key
 -- ARGV: replica id, n_rate, n_fail, ban cursor (ms, 0 = all live bans), failure window ms,
 --       max_failures, ban ms, buckets, load score (-1: not loading), load skip, page size,
---       then n_rate counts, n_rate client keys, n_fail counts, n_fail client keys,
+--       n_add, then n_add counts, n_rate client keys (the first n_add have those new
+--       admissions, the others only fetch their totals), n_fail counts, n_fail client keys,
 --       then the admin part: known version ("" = none), max_bans, new version nonce,
 --       republish (1: the ops republish the bans a replica holds), n_ops,
 --       then n_ops triples (kind: "ban" | "lift" | "key", network or client key, ban ms).
@@ -38,7 +39,8 @@ local buckets = tonumber(ARGV[8])
 local load_from = tonumber(ARGV[9])
 local load_skip = tonumber(ARGV[10])
 local page_size = tonumber(ARGV[11])
-local base = 11
+local n_add = tonumber(ARGV[12])
+local base = 12
 local replica_ttl = 5000
 local log_keep = 60000
 
@@ -155,12 +157,11 @@ end
 -- The batch's keys are distinct (a map's keys), so read, add and write back is exact.
 local fields, added, adds = {}, {}, {}
 for i = 1, n_rate do
-  local add = tonumber(ARGV[base + i])
-  fields[i] = ARGV[base + n_rate + i]
-  if add > 0 then
-    added[#added + 1] = fields[i]
-    adds[#adds + 1] = add
-  end
+  fields[i] = ARGV[base + n_add + i]
+end
+for i = 1, n_add do
+  added[i] = fields[i]
+  adds[i] = tonumber(ARGV[base + i])
 end
 if #added > 0 then
   local j = sec % slots
@@ -190,8 +191,8 @@ local totals = counts_of(totals_key, fields)
 
 for i = 1, n_fail do
   local key = KEYS[7 + buckets + i]
-  local count = tonumber(ARGV[base + 2 * n_rate + i])
-  local client = ARGV[base + 2 * n_rate + n_fail + i]
+  local count = tonumber(ARGV[base + n_add + n_rate + i])
+  local client = ARGV[base + n_add + n_rate + n_fail + i]
   for k = 1, count do
     redis.call('ZADD', key, now, id .. ':' .. now .. ':' .. k)
   end
@@ -210,7 +211,7 @@ for i = 1, n_fail do
 end
 
 -- Admin bans (SPEC 9), see src/cluster/admin.rs.
-local a = base + 2 * n_rate + 2 * n_fail
+local a = base + n_add + n_rate + 2 * n_fail
 local known = ARGV[a + 1]
 local max_bans = tonumber(ARGV[a + 2])
 local nonce = ARGV[a + 3]

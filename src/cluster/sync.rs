@@ -269,7 +269,11 @@ impl Link<'_> {
             .arg(self.load.map_or(-1, |(score, _)| score))
             .arg(self.load.map_or(0, |(_, skip)| skip))
             .arg(MAX_KEYS_PER_SYNC);
-        for (_, count) in batch {
+        // The keys with new admissions come first in a batch; the others only fetch their
+        // totals, and their counts (0) are not sent.
+        let adding = batch.partition_point(|(_, count)| *count > 0);
+        call.arg(adding);
+        for (_, count) in &batch[..adding] {
             call.arg(*count);
         }
         for (key, _) in batch {
