@@ -930,9 +930,10 @@ async fn a_ban_the_cluster_refuses_closes_nothing_and_every_write_is_logged() {
     }
 }
 
-/// Runs the sync script once as a replica that publishes nothing, with the key layout of
-/// `src/cluster/sync.rs` (prefix `portcullis:`, 11 buckets, 2,000 keys per sync).
-fn empty_sync(connection: &mut redis::Connection) {
+/// Runs the sync script once, with the key layout of `src/cluster/sync.rs` (prefix
+/// `portcullis:`, 11 buckets, 2,000 keys per sync), as a replica publishing `adds`
+/// (client key, new admissions); returns their totals.
+fn sync_once(connection: &mut redis::Connection, adds: &[(&str, u64)]) -> Vec<u64> {
     let script = redis::Script::new(include_str!("../src/cluster/sync.lua"));
     let mut call = script.prepare_invoke();
     for key in [
@@ -948,38 +949,45 @@ fn empty_sync(connection: &mut redis::Connection) {
     for slot in 0..12 {
         call.key(format!("portcullis:rate:second:{slot}"));
     }
-    call.arg("test")
-        .arg(0)
-        .arg(0)
-        .arg(0)
-        .arg(60_000)
+    call.arg("test").arg(adds.len()).arg(0).arg(0);
+    call.arg(60_000)
         .arg(5)
-        .arg(1_000);
-    call.arg(11).arg(-1).arg(0).arg(2_000).arg(0);
+        .arg(1_000)
+        .arg(11)
+        .arg(-1)
+        .arg(0)
+        .arg(2_000);
+    call.arg(adds.len());
+    for (_, count) in adds {
+        call.arg(*count);
+    }
+    for (key, _) in adds {
+        call.arg(*key);
+    }
     call.arg("").arg(1024).arg("ab").arg(0).arg(0);
-    let _: redis::Value = call.invoke(connection).expect("sync script");
+    let mut reply: Vec<redis::Value> = call.invoke(connection).expect("sync script");
+    redis::from_redis_value(reply.swap_remove(2)).expect("totals")
 }
 
-#[test]
-fn a_sprayed_second_leaves_the_totals_in_bounded_steps() {
-    // One second's hash as an address spray over many replicas leaves it: 50,000 client
-    // keys. Draining it all in one call would hold Redis (and every replica's sync) for
-    // about as long as the 1 s timeout; each call drains a bounded share instead.
-    const SPRAYED: usize = 50_000;
-    let redis = RedisServer::start();
-    let mut connection = redis.connection().expect("redis connection");
-    let (now, _): (u64, u64) = redis::cmd("TIME").query(&mut connection).unwrap();
-    let second = now - 20;
+/// Redis' clock, in seconds.
+fn redis_second(connection: &mut redis::Connection) -> u64 {
+    let (now, _): (u64, u64) = redis::cmd("TIME").query(connection).unwrap();
+    now
+}
+
+/// Writes a second's rate hash as replicas would have left it: `keys` client keys
+/// (10.x.y.z) with one admission each, counted in the totals too.
+fn write_second(connection: &mut redis::Connection, second: u64, keys: usize) -> String {
     let slot = format!("portcullis:rate:second:{}", second % 12);
     let _: () = redis::cmd("HSET")
         .arg(&slot)
         .arg(":second")
         .arg(second)
-        .query(&mut connection)
+        .query(connection)
         .unwrap();
-    for first in (0..SPRAYED).step_by(1000) {
+    for first in (0..keys).step_by(1000) {
         let mut fields = Vec::new();
-        for i in first..first + 1000 {
+        for i in first..(first + 1000).min(keys) {
             fields.push(format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255));
             fields.push("1".to_owned());
         }
@@ -987,27 +995,114 @@ fn a_sprayed_second_leaves_the_totals_in_bounded_steps() {
             let _: () = redis::cmd("HSET")
                 .arg(key)
                 .arg(&fields)
-                .query(&mut connection)
+                .query(connection)
                 .unwrap();
         }
     }
+    for key in [slot.as_str(), "portcullis:rate"] {
+        let _: () = redis::cmd("PEXPIRE")
+            .arg(key)
+            .arg(60_000)
+            .query(connection)
+            .unwrap();
+    }
+    slot
+}
+
+/// Runs empty syncs until the totals are empty; returns how many it took, each checked
+/// to drain at most `max` fields.
+fn drain_all(redis: &RedisServer, connection: &mut redis::Connection, max: u64) -> usize {
     let mut calls = 0;
-    let mut left = SPRAYED as u64;
+    let mut left = redis.hlen("portcullis:rate");
     while left > 0 {
-        empty_sync(&mut connection);
+        sync_once(connection, &[]);
         calls += 1;
         let now_left = redis.hlen("portcullis:rate");
-        let drained = left - now_left;
         assert!(
-            drained > 0 && drained <= 5_000,
-            "call {calls} drained {drained} fields"
+            now_left < left && left - now_left <= max,
+            "call {calls} drained {} fields",
+            left as i64 - now_left as i64
+        );
+        assert!(
+            calls < 1000,
+            "the totals never empty: {now_left} fields left"
         );
         left = now_left;
     }
+    calls
+}
+
+#[test]
+fn a_sprayed_second_leaves_the_totals_in_bounded_steps() {
+    // One second's hash as an address spray over many replicas leaves it: 50,000 client
+    // keys. Draining it all in one call would hold Redis (and every replica's sync) for
+    // about as long as the 1 s timeout; each call drains a bounded share instead.
+    let redis = RedisServer::start();
+    let mut connection = redis.connection().expect("redis connection");
+    let second = redis_second(&mut connection) - 20;
+    let slot = write_second(&mut connection, second, 50_000);
+    let calls = drain_all(&redis, &mut connection, 5_000);
     assert!(calls >= 10, "{calls} calls");
-    assert_eq!(
-        redis.keys().iter().filter(|k| **k == slot).count(),
-        0,
+    assert!(
+        !redis.keys().contains(&slot),
         "the second's hash is gone once drained"
+    );
+}
+
+#[test]
+fn a_drain_resumed_from_another_redis_process_cursor_misses_nothing() {
+    // A partial drain keeps its HSCAN cursor in the second's hash. After a Redis restart
+    // or failover the hash seed differs, so that cursor resumes at an arbitrary point:
+    // the fields it skips must still leave the totals.
+    let redis = RedisServer::start();
+    let mut connection = redis.connection().expect("redis connection");
+    let second = redis_second(&mut connection) - 20;
+    let slot = write_second(&mut connection, second, 10_000);
+    sync_once(&mut connection, &[]);
+    let left = redis.hlen("portcullis:rate");
+    assert!(
+        left > 0 && left < 10_000,
+        "{left} fields left after one call"
+    );
+    // A cursor from another process: most of the table lies before it (HSCAN visits the
+    // buckets in reversed-bit order; the low 13 bits set are near the end of it).
+    let _: () = redis::cmd("HSET")
+        .arg(&slot)
+        .arg(":cursor")
+        .arg(8191)
+        .query(&mut connection)
+        .unwrap();
+    drain_all(&redis, &mut connection, 5_000);
+}
+
+#[test]
+fn counts_left_from_before_a_cluster_wide_pause_never_reduce_new_totals() {
+    // Nothing synced for 20 s (every replica cut off) while a second of 10,000 keys was
+    // still to drain: what it holds is older than the window. New admissions of the same
+    // keys must count in full, not have the old counts drained out of them later.
+    let redis = RedisServer::start();
+    let mut connection = redis.connection().expect("redis connection");
+    let second = redis_second(&mut connection) - 30;
+    write_second(&mut connection, second, 10_000);
+    let _: () = redis::cmd("PEXPIRE")
+        .arg("portcullis:rate")
+        .arg(41_000)
+        .query(&mut connection)
+        .unwrap();
+    let keys: Vec<String> = (0..100).map(|i| format!("10.0.0.{i}")).collect();
+    let adds: Vec<(&str, u64)> = keys.iter().map(|k| (k.as_str(), 5)).collect();
+    assert_eq!(sync_once(&mut connection, &adds), vec![5; 100]);
+    for _ in 0..5 {
+        sync_once(&mut connection, &[]);
+    }
+    let totals: Vec<Option<u64>> = redis::cmd("HMGET")
+        .arg("portcullis:rate")
+        .arg(&keys)
+        .query(&mut connection)
+        .unwrap();
+    assert_eq!(
+        totals,
+        vec![Some(5); 100],
+        "old counts were drained from new totals"
     );
 }

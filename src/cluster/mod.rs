@@ -84,8 +84,10 @@
 //! # Every key has a TTL
 //!
 //! The script sets a TTL on every key in the same atomic call that writes it: the rate
-//! totals 12 s (every sync refreshes it), each second's hash 60 s (it is drained well
-//! before: its counts would otherwise stay in the totals, so Redis must not evict keys),
+//! totals 61 s (every sync refreshes it; longer than any second's hash, so that no second
+//! is drained from totals that no longer hold it), each second's hash 60 s (it is drained
+//! well before: its counts would otherwise stay in the totals, so Redis must not evict
+//! keys; after 12 s without any sync, the first one drops all rate hashes at once),
 //! failure sets `failure_window`, bans the longest live ban, the ban log 60 s, the
 //! replica set 5 s, the admin ban set and its version the longest admin ban (at most 365
 //! days; at most `admin.max_bans` members); ticket keys two rotation periods and a minute.

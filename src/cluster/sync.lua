@@ -62,6 +62,9 @@ local totals_key = KEYS[6]
 local slots = buckets + 1
 local chunk = 1000
 local slot_ttl = 60000
+-- The totals outlive every second's hash (both are refreshed by the call that writes a
+-- second), so no second is ever drained from totals that no longer hold it.
+local totals_ttl = slot_ttl + 1000
 -- The counts of `names` in the hash at `key`, 0 where absent.
 local function counts_of(key, names)
   local out = {}
@@ -122,12 +125,31 @@ local function drain(key, budget)
     end
     taken = taken + #names
   until cursor == '0' or (budget ~= nil and taken >= budget)
-  if cursor == '0' then
-    redis.call('UNLINK', key)
-    return taken, true
+  if cursor ~= '0' then
+    redis.call('HSET', key, ':cursor', cursor)
+    return taken, false
   end
-  redis.call('HSET', key, ':cursor', cursor)
-  return taken, false
+  if not whole then
+    -- A scan resumed from a cursor of an earlier Redis process (restarted, or failed
+    -- over: another hash seed) may have skipped fields: gone only when none is left.
+    redis.call('HDEL', key, ':cursor')
+    if redis.call('HLEN', key) > 1 then
+      return taken, false
+    end
+  end
+  redis.call('UNLINK', key)
+  return taken, true
+end
+-- No call for longer than the window (Redis unreachable for everyone, the cluster
+-- stopped): nothing the rate hashes hold still counts. The totals' TTL, set by every
+-- call, tells how long ago the last one was; dropping everything now keeps old seconds
+-- drained later from being subtracted from new totals.
+local since = totals_ttl - redis.call('PTTL', totals_key)
+if since > (buckets + 1) * 1000 and since <= totals_ttl then
+  redis.call('UNLINK', totals_key)
+  for j = 0, slots - 1 do
+    redis.call('UNLINK', KEYS[7 + j])
+  end
 end
 -- Which second each slot holds (nil: none).
 local held = {}
@@ -185,8 +207,8 @@ if #added > 0 then
     chunked('HSET', key, flat, 2 * chunk)
   end
 end
--- Every sync refreshes it: it outlives the seconds it holds (they are written by syncs).
-redis.call('PEXPIRE', totals_key, (buckets + 1) * 1000)
+-- Every call refreshes it (see totals_ttl).
+redis.call('PEXPIRE', totals_key, totals_ttl)
 local totals = counts_of(totals_key, fields)
 
 for i = 1, n_fail do
