@@ -932,8 +932,9 @@ async fn a_ban_the_cluster_refuses_closes_nothing_and_every_write_is_logged() {
 
 /// Runs the sync script once, with the key layout of `src/cluster/sync.rs` (prefix
 /// `portcullis:`, 11 buckets, 2,000 keys per sync), as a replica publishing `adds`
-/// (client key, new admissions); returns their totals.
-fn sync_once(connection: &mut redis::Connection, adds: &[(&str, u64)]) -> Vec<u64> {
+/// (client key, new admissions); returns their totals and whether the counts were
+/// written.
+fn sync_once(connection: &mut redis::Connection, adds: &[(&str, u64)]) -> (Vec<u64>, bool) {
     let script = redis::Script::new(include_str!("../src/cluster/sync.lua"));
     let mut call = script.prepare_invoke();
     for key in [
@@ -966,7 +967,9 @@ fn sync_once(connection: &mut redis::Connection, adds: &[(&str, u64)]) -> Vec<u6
     }
     call.arg("").arg(1024).arg("ab").arg(0).arg(0);
     let mut reply: Vec<redis::Value> = call.invoke(connection).expect("sync script");
-    redis::from_redis_value(reply.swap_remove(2)).expect("totals")
+    let published: u8 = redis::from_redis_value(reply.swap_remove(11)).expect("published");
+    let totals = redis::from_redis_value(reply.swap_remove(2)).expect("totals");
+    (totals, published == 1)
 }
 
 /// Redis' clock, in seconds.
@@ -1009,8 +1012,8 @@ fn write_second(connection: &mut redis::Connection, second: u64, keys: usize) ->
     slot
 }
 
-/// Runs empty syncs until the totals are empty; returns how many it took, each checked
-/// to drain at most `max` fields.
+/// Runs empty syncs until the totals are empty (within 1,000 calls); returns how many it
+/// took, each checked to drain at most `max` fields.
 fn drain_all(redis: &RedisServer, connection: &mut redis::Connection, max: u64) -> usize {
     let mut calls = 0;
     let mut left = redis.hlen("portcullis:rate");
@@ -1018,8 +1021,9 @@ fn drain_all(redis: &RedisServer, connection: &mut redis::Connection, max: u64) 
         sync_once(connection, &[]);
         calls += 1;
         let now_left = redis.hlen("portcullis:rate");
+        // A call may drain nothing when its scan resumes near the end of the table.
         assert!(
-            now_left < left && left - now_left <= max,
+            now_left <= left && left - now_left <= max,
             "call {calls} drained {} fields",
             left as i64 - now_left as i64
         );
@@ -1091,7 +1095,7 @@ fn counts_left_from_before_a_cluster_wide_pause_never_reduce_new_totals() {
         .unwrap();
     let keys: Vec<String> = (0..100).map(|i| format!("10.0.0.{i}")).collect();
     let adds: Vec<(&str, u64)> = keys.iter().map(|k| (k.as_str(), 5)).collect();
-    assert_eq!(sync_once(&mut connection, &adds), vec![5; 100]);
+    assert_eq!(sync_once(&mut connection, &adds), (vec![5; 100], true));
     for _ in 0..5 {
         sync_once(&mut connection, &[]);
     }
@@ -1105,4 +1109,36 @@ fn counts_left_from_before_a_cluster_wide_pause_never_reduce_new_totals() {
         vec![Some(5); 100],
         "old counts were drained from new totals"
     );
+}
+
+#[test]
+fn counts_wait_rather_than_a_call_draining_a_whole_backlog() {
+    // The slot of the current second still holds a second of 30,000 keys that left the
+    // window (draining fell a window behind): a call publishing new counts drains its
+    // bounded share and leaves the counts for a later call, never draining it all at once.
+    let redis = RedisServer::start();
+    let mut connection = redis.connection().expect("redis connection");
+    let now = redis_second(&mut connection);
+    // The slot of the next few seconds, so that the calls below land on it.
+    let second = now + 1 - 12;
+    write_second(&mut connection, second, 30_000);
+    while redis_second(&mut connection) < now + 1 {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let adds = [("192.0.2.1", 3)];
+    let (totals, published) = sync_once(&mut connection, &adds);
+    assert!(!published, "published over an undrained second");
+    assert_eq!(totals, vec![0]);
+    let left = redis.hlen("portcullis:rate");
+    assert!(left >= 25_000, "one call drained {} fields", 30_000 - left);
+    let mut calls = 1;
+    loop {
+        let (totals, published) = sync_once(&mut connection, &adds);
+        calls += 1;
+        if published {
+            assert_eq!(totals, vec![3]);
+            break;
+        }
+        assert!(calls < 20, "never published");
+    }
 }

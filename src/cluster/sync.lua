@@ -24,7 +24,8 @@
 --            load skip,
 --            admin version, lost (1: Redis lost the version this replica knew),
 --            { network, until ms, ... } (only when the version is not the known one),
---            { refused networks } }
+--            { refused networks }, published (1: the rate counts were written; 0: they wait
+--            for a later call, draining being a window behind) }
 local t = redis.call('TIME')
 local sec = tonumber(t[1])
 local now = sec * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -185,26 +186,36 @@ for i = 1, n_add do
   added[i] = fields[i]
   adds[i] = tonumber(ARGV[base + i])
 end
+-- 1 when the new counts were written; 0 when they wait for a later call.
+local published = 1
 if #added > 0 then
   local j = sec % slots
   local now_key = KEYS[7 + j]
-  if held[j] ~= sec then
-    -- The slot still holds another second: draining fell a whole window behind, or
-    -- Redis' clock went back. It must be out of the totals before the slot is reused.
-    if held[j] ~= nil then
-      drain(now_key, nil)
+  if held[j] ~= nil and held[j] < sec then
+    -- The slot still holds a second that left the window and that the budget above did
+    -- not empty: draining fell a whole window behind (replicas scaled down right after a
+    -- spray over many). The counts wait (the replica keeps them unconfirmed) rather than
+    -- this call draining without bound.
+    published = 0
+  else
+    if held[j] ~= sec then
+      -- The slot holds a second ahead of Redis' clock (it went back): out of the totals
+      -- first.
+      if held[j] ~= nil then
+        drain(now_key, nil)
+      end
+      redis.call('HSET', now_key, ':second', sec)
     end
-    redis.call('HSET', now_key, ':second', sec)
-  end
-  redis.call('PEXPIRE', now_key, slot_ttl)
-  for _, key in ipairs({ now_key, totals_key }) do
-    local have = counts_of(key, added)
-    local flat = {}
-    for k = 1, #added do
-      flat[2 * k - 1] = added[k]
-      flat[2 * k] = have[k] + adds[k]
+    redis.call('PEXPIRE', now_key, slot_ttl)
+    for _, key in ipairs({ now_key, totals_key }) do
+      local have = counts_of(key, added)
+      local flat = {}
+      for k = 1, #added do
+        flat[2 * k - 1] = added[k]
+        flat[2 * k] = have[k] + adds[k]
+      end
+      chunked('HSET', key, flat, 2 * chunk)
     end
-    chunked('HSET', key, flat, 2 * chunk)
   end
 end
 -- Every call refreshes it (see totals_ttl).
@@ -339,4 +350,5 @@ if load_from >= 0 then
     end
   end
 end
-return { now, replicas, totals, bans, now, load_from, load_skip, version, lost, admin, refused }
+return { now, replicas, totals, bans, now, load_from, load_skip, version, lost, admin, refused,
+  published }

@@ -36,8 +36,9 @@ const TICKET_REFRESH: Duration = Duration::from_secs(1);
 /// order, the ban log members (`"<key> <until ms>"`, `"lift <key> <ms>"`, and one page of
 /// the live bans while loading them), the next ban cursor, the load's position (score, -1
 /// when not loading, and rank among equal scores), then the admin bans' version, whether Redis lost the version this replica knew,
-/// the admin list (`network, until ms, ...`, only when the version changed) and the
-/// networks refused for `admin.max_bans`.
+/// the admin list (`network, until ms, ...`, only when the version changed), the
+/// networks refused for `admin.max_bans`, and whether the rate counts were written (0: they
+/// wait for the next sync).
 type SyncReply = (
     i64,
     u64,
@@ -50,6 +51,7 @@ type SyncReply = (
     u8,
     Vec<String>,
     Vec<String>,
+    u8,
 );
 /// The admin part of the script's reply (see [`SyncReply`]).
 struct AdminReply {
@@ -307,9 +309,25 @@ impl Link<'_> {
         reply: SyncReply,
         enforce: &impl Enforce,
     ) {
-        let (redis_now, replicas, totals, bans, cursor, load, skip, version, lost, list, refused) =
-            reply;
-        self.cluster.rate.apply(batch, &totals, replicas);
+        let (
+            redis_now,
+            replicas,
+            totals,
+            bans,
+            cursor,
+            load,
+            skip,
+            version,
+            lost,
+            list,
+            refused,
+            published,
+        ) = reply;
+        if published != 0 {
+            self.cluster.rate.apply(batch, &totals, replicas);
+        } else {
+            self.cluster.rate.postpone(batch, &totals, replicas);
+        }
         self.cursor = cursor;
         self.load = (load >= 0).then_some((load, skip));
         let now = Instant::now();
