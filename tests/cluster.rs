@@ -1045,8 +1045,8 @@ fn a_sprayed_second_leaves_the_totals_in_bounded_steps() {
     let mut connection = redis.connection().expect("redis connection");
     let second = redis_second(&mut connection) - 20;
     let slot = write_second(&mut connection, second, 50_000);
-    let calls = drain_all(&redis, &mut connection, 5_000);
-    assert!(calls >= 10, "{calls} calls");
+    let calls = drain_all(&redis, &mut connection, 4_000);
+    assert!(calls >= 13, "{calls} calls");
     assert!(
         !redis.keys().contains(&slot),
         "the second's hash is gone once drained"
@@ -1076,7 +1076,7 @@ fn a_drain_resumed_from_another_redis_process_cursor_misses_nothing() {
         .arg(8191)
         .query(&mut connection)
         .unwrap();
-    drain_all(&redis, &mut connection, 5_000);
+    drain_all(&redis, &mut connection, 4_000);
 }
 
 #[test]

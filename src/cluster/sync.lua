@@ -112,9 +112,12 @@ local function drain(key, budget)
     local page = whole and { '0', redis.call('HGETALL', key) } or redis.call('HSCAN', key, cursor, 'COUNT', chunk)
     cursor = page[1]
     local flat, names, counts, seen = page[2], {}, {}, {}
+    -- A page may hold more than COUNT fields (while Redis resizes the hash): those over
+    -- the budget stay for a later pass (the hash goes only once it is empty).
+    local room = budget == nil and #flat or budget - taken
     for j = 1, #flat, 2 do
       local field = flat[j]
-      if field ~= ':second' and field ~= ':cursor' and not seen[field] then
+      if #names < room and field ~= ':second' and field ~= ':cursor' and not seen[field] then
         seen[field] = true
         names[#names + 1] = field
         counts[#counts + 1] = tonumber(flat[j + 1])
