@@ -24,15 +24,15 @@
 //! 5 s. Redis holds one hash per second (field: client key, value: count; twelve hashes
 //! used in turn) and one of totals (field: client key). A second that left the 11-second
 //! window is drained out of the totals, oldest first, at most 4,000 fields per sync call
-//! (so that no call's work grows with an address spray or the number of replicas: each
-//! call adds at most 2,000); until then its counts still count, which only refuses
-//! earlier. Should draining fall a whole window behind (replicas scaled down right after
-//! a spray over many), the second to be written still holds an old one: the new counts
-//! then wait for a later sync, still unconfirmed on their replica, so the cap `a` below
-//! keeps holding. A sync costs Redis a few multi-field commands (`HMGET`, `HSET`) whatever the
-//! batch's size; a per-key hash of seconds, summed by the script, cost several commands
-//! per key fetched and took Redis 0.11 core for one replica at 5,000 handshakes/s over
-//! 3,200 keys (`benches/cluster.sh`).
+//! (so that no call's work grows with an address spray or the number of replicas: each call
+//! adds at most 2,000); until then its counts still count, which only refuses earlier.
+//! Should draining fall a whole window behind (replicas scaled down right after a spray
+//! over many), the second to be written still holds an old one: the new counts then wait
+//! for a later sync, still unconfirmed on their replica, so the cap `a` below keeps
+//! holding. A sync costs Redis a few multi-field commands (`HMGET`, `HSET`) whatever the
+//! batch's size; a per-key hash of seconds, summed by the script, cost several commands per
+//! key fetched and took Redis 0.11 core for one replica at 5,000 handshakes/s over 3,200
+//! keys (`benches/cluster.sh`).
 //!
 //! Why any 10 s window stays within `1.25 × L`: a 10 s window lies inside 11 consecutive
 //! one-second buckets, so the last admission of the window, made by some replica `R`,
@@ -90,12 +90,12 @@
 //! totals 61 s (every sync refreshes it; longer than any second's hash, so that no second
 //! is drained from totals that no longer hold it), each second's hash 60 s (it is drained
 //! well before: its counts would otherwise stay in the totals, so Redis must not evict
-//! keys; after 12 s without any sync, the first one drops all rate hashes at once),
-//! failure sets `failure_window`, bans the longest live ban, the ban log 60 s, the
-//! replica set 5 s, the admin ban set and its version the longest admin ban (at most 365
-//! days; at most `admin.max_bans` members); ticket keys two rotation periods and a minute.
-//! Rates are a fixed set of 13 keys whatever the number of client keys (a spray adds
-//! fields, drained once out of the window); failure sets are bounded by what a spray writes in
+//! keys; after 12 s without any sync, the first one drops all rate hashes at once), failure
+//! sets `failure_window`, bans the longest live ban, the ban log 60 s, the replica set 5 s,
+//! the admin ban set and its version the longest admin ban (at most 365 days; at most
+//! `admin.max_bans` members); ticket keys two rotation periods and a minute. Rates are a
+//! fixed set of 13 keys whatever the number of client keys (a spray adds fields, drained
+//! once out of the window); failure sets are bounded by what a spray writes in
 //! `failure_window` (each failure costs a TLS handshake).
 
 pub mod admin;

@@ -19,8 +19,8 @@ pub const WINDOW: Duration = Duration::from_secs(10);
 pub const BUCKETS: u64 = 11;
 /// The most keys in one sync, so that an address spray cannot make one script call long
 /// enough to push replicas past their Redis timeout and into standalone mode (20,000 keys
-/// once took a call ~330 ms). Keys with new admissions go first (their counts must reach the cluster); the
-/// room left goes to keys that only fetch the cluster's total, in turns.
+/// once took a call ~330 ms). Keys with new admissions go first (their counts must reach
+/// the cluster); the room left goes to keys that only fetch the cluster's total, in turns.
 pub const MAX_KEYS_PER_SYNC: usize = 2_000;
 
 /// One key's counts.

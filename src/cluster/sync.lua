@@ -99,10 +99,9 @@ local function subtract(names, counts)
   chunked('HSET', totals_key, keep, 2 * chunk)
   chunked('HDEL', totals_key, gone, chunk)
 end
--- Drains the second held at `key` out of the totals: at least `budget` fields unless it
--- ends first (all of it when `budget` is nil). Each field drained is deleted from the
--- second's hash, so none is taken twice. Returns the fields drained and whether the hash
--- is gone.
+-- Drains the second held at `key` out of the totals: at most `budget` fields (all of it
+-- when `budget` is nil). Each field drained is deleted from the second's hash, so none is
+-- taken twice. Returns the fields drained and whether the hash is gone.
 local function drain(key, budget)
   local cursor = redis.call('HGET', key, ':cursor') or '0'
   local whole = budget == nil or redis.call('HLEN', key) <= budget
