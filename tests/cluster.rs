@@ -309,7 +309,7 @@ async fn an_address_spray_leaves_no_key_without_a_ttl() {
     }
     let sprayed = std::time::Instant::now();
     tokio::time::sleep(SYNC * 5).await;
-    let counted = redis.hlen("portcullis:rate");
+    let counted = redis.hlen("portcullis:rates");
     assert!(
         counted > 1000,
         "the spray did not reach Redis: {counted} keys in the rate totals"
@@ -333,7 +333,7 @@ async fn an_address_spray_leaves_no_key_without_a_ttl() {
     // replica goes on syncing (which keeps the totals hash itself alive).
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let left = redis.hlen("portcullis:rate");
+        let left = redis.hlen("portcullis:rates");
         if left == 0 {
             break;
         }
@@ -932,9 +932,8 @@ async fn a_ban_the_cluster_refuses_closes_nothing_and_every_write_is_logged() {
 
 /// Runs the sync script once, with the key layout of `src/cluster/sync.rs` (prefix
 /// `portcullis:`, 11 buckets, 2,000 keys per sync), as a replica publishing `adds`
-/// (client key, new admissions); returns their totals and whether the counts were
-/// written.
-fn sync_once(connection: &mut redis::Connection, adds: &[(&str, u64)]) -> (Vec<u64>, bool) {
+/// (client key, new admissions); returns their totals.
+fn sync_once(connection: &mut redis::Connection, adds: &[(&str, u64)]) -> Vec<u64> {
     let script = redis::Script::new(include_str!("../src/cluster/sync.lua"));
     let mut call = script.prepare_invoke();
     for key in [
@@ -943,12 +942,12 @@ fn sync_once(connection: &mut redis::Connection, adds: &[(&str, u64)]) -> (Vec<u
         "banlog",
         "adminbans",
         "adminbans:version",
-        "rate",
+        "rates",
     ] {
         call.key(format!("portcullis:{key}"));
     }
     for slot in 0..12 {
-        call.key(format!("portcullis:rate:second:{slot}"));
+        call.key(format!("portcullis:rates:second:{slot}"));
     }
     call.arg("test").arg(adds.len()).arg(0).arg(0);
     call.arg(60_000)
@@ -967,9 +966,7 @@ fn sync_once(connection: &mut redis::Connection, adds: &[(&str, u64)]) -> (Vec<u
     }
     call.arg("").arg(1024).arg("ab").arg(0).arg(0);
     let mut reply: Vec<redis::Value> = call.invoke(connection).expect("sync script");
-    let published: u8 = redis::from_redis_value(reply.swap_remove(11)).expect("published");
-    let totals = redis::from_redis_value(reply.swap_remove(2)).expect("totals");
-    (totals, published == 1)
+    redis::from_redis_value(reply.swap_remove(2)).expect("totals")
 }
 
 /// Redis' clock, in seconds.
@@ -981,7 +978,7 @@ fn redis_second(connection: &mut redis::Connection) -> u64 {
 /// Writes a second's rate hash as replicas would have left it: `keys` client keys
 /// (10.x.y.z) with one admission each, counted in the totals too.
 fn write_second(connection: &mut redis::Connection, second: u64, keys: usize) -> String {
-    let slot = format!("portcullis:rate:second:{}", second % 12);
+    let slot = format!("portcullis:rates:second:{}", second % 12);
     let _: () = redis::cmd("HSET")
         .arg(&slot)
         .arg(":second")
@@ -994,7 +991,7 @@ fn write_second(connection: &mut redis::Connection, second: u64, keys: usize) ->
             fields.push(format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255));
             fields.push("1".to_owned());
         }
-        for key in [slot.as_str(), "portcullis:rate"] {
+        for key in [slot.as_str(), "portcullis:rates"] {
             let _: () = redis::cmd("HSET")
                 .arg(key)
                 .arg(&fields)
@@ -1002,7 +999,7 @@ fn write_second(connection: &mut redis::Connection, second: u64, keys: usize) ->
                 .unwrap();
         }
     }
-    for key in [slot.as_str(), "portcullis:rate"] {
+    for key in [slot.as_str(), "portcullis:rates"] {
         let _: () = redis::cmd("PEXPIRE")
             .arg(key)
             .arg(60_000)
@@ -1016,11 +1013,11 @@ fn write_second(connection: &mut redis::Connection, second: u64, keys: usize) ->
 /// took, each checked to drain at most `max` fields.
 fn drain_all(redis: &RedisServer, connection: &mut redis::Connection, max: u64) -> usize {
     let mut calls = 0;
-    let mut left = redis.hlen("portcullis:rate");
+    let mut left = redis.hlen("portcullis:rates");
     while left > 0 {
         sync_once(connection, &[]);
         calls += 1;
-        let now_left = redis.hlen("portcullis:rate");
+        let now_left = redis.hlen("portcullis:rates");
         // A call may drain nothing when its scan resumes near the end of the table.
         assert!(
             now_left <= left && left - now_left <= max,
@@ -1045,7 +1042,15 @@ fn a_sprayed_second_leaves_the_totals_in_bounded_steps() {
     let mut connection = redis.connection().expect("redis connection");
     let second = redis_second(&mut connection) - 20;
     let slot = write_second(&mut connection, second, 50_000);
-    let calls = drain_all(&redis, &mut connection, 4_000);
+    // Near its TTL: a hash left to drain must not expire with counts still in the totals.
+    let _: () = redis::cmd("PEXPIRE")
+        .arg(&slot)
+        .arg(5_000)
+        .query(&mut connection)
+        .unwrap();
+    sync_once(&mut connection, &[]);
+    assert!(redis.pttl(&slot) > 50_000, "draining renews its TTL");
+    let calls = 1 + drain_all(&redis, &mut connection, 4_000);
     assert!(calls >= 13, "{calls} calls");
     assert!(
         !redis.keys().contains(&slot),
@@ -1063,7 +1068,7 @@ fn a_drain_resumed_from_another_redis_process_cursor_misses_nothing() {
     let second = redis_second(&mut connection) - 20;
     let slot = write_second(&mut connection, second, 10_000);
     sync_once(&mut connection, &[]);
-    let left = redis.hlen("portcullis:rate");
+    let left = redis.hlen("portcullis:rates");
     assert!(
         left > 0 && left < 10_000,
         "{left} fields left after one call"
@@ -1089,18 +1094,18 @@ fn counts_left_from_before_a_cluster_wide_pause_never_reduce_new_totals() {
     let second = redis_second(&mut connection) - 30;
     write_second(&mut connection, second, 10_000);
     let _: () = redis::cmd("PEXPIRE")
-        .arg("portcullis:rate")
+        .arg("portcullis:rates")
         .arg(41_000)
         .query(&mut connection)
         .unwrap();
     let keys: Vec<String> = (0..100).map(|i| format!("10.0.0.{i}")).collect();
     let adds: Vec<(&str, u64)> = keys.iter().map(|k| (k.as_str(), 5)).collect();
-    assert_eq!(sync_once(&mut connection, &adds), (vec![5; 100], true));
+    assert_eq!(sync_once(&mut connection, &adds), vec![5; 100]);
     for _ in 0..5 {
         sync_once(&mut connection, &[]);
     }
     let totals: Vec<Option<u64>> = redis::cmd("HMGET")
-        .arg("portcullis:rate")
+        .arg("portcullis:rates")
         .arg(&keys)
         .query(&mut connection)
         .unwrap();
@@ -1112,33 +1117,27 @@ fn counts_left_from_before_a_cluster_wide_pause_never_reduce_new_totals() {
 }
 
 #[test]
-fn counts_wait_rather_than_a_call_draining_a_whole_backlog() {
+fn a_call_never_drains_a_whole_backlog_to_reuse_a_slot() {
     // The slot of the current second still holds a second of 30,000 keys that left the
-    // window (draining fell a window behind): a call publishing new counts drains its
-    // bounded share and leaves the counts for a later call, never draining it all at once.
+    // window (draining fell a window behind): the call drains its bounded share, takes the
+    // slot over with what is left in it (those counts leave the totals later, with the new
+    // second) and publishes its counts.
     let redis = RedisServer::start();
     let mut connection = redis.connection().expect("redis connection");
     let now = redis_second(&mut connection);
-    // The slot of the next few seconds, so that the calls below land on it.
-    let second = now + 1 - 12;
-    write_second(&mut connection, second, 30_000);
+    // The slot of the next second, so that the call below lands on it.
+    let slot = write_second(&mut connection, now + 1 - 12, 30_000);
     while redis_second(&mut connection) < now + 1 {
         std::thread::sleep(Duration::from_millis(20));
     }
-    let adds = [("192.0.2.1", 3)];
-    let (totals, published) = sync_once(&mut connection, &adds);
-    assert!(!published, "published over an undrained second");
-    assert_eq!(totals, vec![0]);
-    let left = redis.hlen("portcullis:rate");
-    assert!(left >= 25_000, "one call drained {} fields", 30_000 - left);
-    let mut calls = 1;
-    loop {
-        let (totals, published) = sync_once(&mut connection, &adds);
-        calls += 1;
-        if published {
-            assert_eq!(totals, vec![3]);
-            break;
-        }
-        assert!(calls < 20, "never published");
-    }
+    assert_eq!(sync_once(&mut connection, &[("192.0.2.1", 3)]), vec![3]);
+    let left = redis.hlen("portcullis:rates");
+    assert!(left > 26_000, "one call drained {} fields", 30_001 - left);
+    let second: u64 = redis::cmd("HGET")
+        .arg(&slot)
+        .arg(":second")
+        .query(&mut connection)
+        .unwrap();
+    assert_eq!(second, now + 1, "the slot holds the new second");
+    assert!(redis.pttl(&slot) > 50_000, "its TTL was renewed");
 }

@@ -27,9 +27,9 @@
 //! (so that no call's work grows with an address spray or the number of replicas: each call
 //! adds at most 2,000); until then its counts still count, which only refuses earlier.
 //! Should draining fall a whole window behind (replicas scaled down right after a spray
-//! over many), the second to be written still holds an old one: the new counts then wait
-//! for a later sync, still unconfirmed on their replica, so the cap `a` below keeps
-//! holding. A sync costs Redis a few multi-field commands (`HMGET`, `HSET`) whatever the
+//! over many), the second to be written still holds an old one: it becomes the new second
+//! with what is left of the old in it, so those counts leave the totals 11 s later (again:
+//! refusing earlier, never admitting more). A sync costs Redis a few multi-field commands (`HMGET`, `HSET`) whatever the
 //! batch's size; a per-key hash of seconds, summed by the script, cost several commands per
 //! key fetched and took Redis 0.11 core for one replica at 5,000 handshakes/s over 3,200
 //! keys (`benches/cluster.sh`).

@@ -148,19 +148,6 @@ impl SharedRate {
         self.set_replicas(replicas);
     }
 
-    /// The batch's totals were fetched but its counts not written (Redis was draining a
-    /// backlog of old seconds, see `sync.lua`): they go back to pending for the next sync,
-    /// still unconfirmed, so the unconfirmed cap keeps holding.
-    pub fn postpone(&self, batch: &[(IpAddr, u64)], totals: &[u64], replicas: u64) {
-        for ((key, _), total) in batch.iter().zip(totals) {
-            if let Some(mut entry) = self.entries.get_mut(key) {
-                entry.seen = *total;
-                entry.pending += std::mem::take(&mut entry.in_flight);
-            }
-        }
-        self.set_replicas(replicas);
-    }
-
     /// The batch was not published (Redis is down): its counts are forgotten, so that the
     /// unconfirmed count does not grow while nothing can confirm it.
     pub fn abandon(&self, batch: &[(IpAddr, u64)]) {
@@ -253,18 +240,6 @@ mod tests {
             rate.admitted(ip(1));
         }
         assert!(!rate.may_admit(ip(1)), "two replicas: cap 10");
-    }
-
-    #[test]
-    fn a_postponed_batch_is_published_again_and_stays_unconfirmed() {
-        // budget 10 × 1 + 6 = 16: cap 2 with one replica.
-        let rate = SharedRate::new(1, 6);
-        rate.admitted(ip(1));
-        rate.admitted(ip(1));
-        let batch = rate.take_batch();
-        rate.postpone(&batch, &[7], 1);
-        assert!(!rate.may_admit(ip(1)), "still 2 unconfirmed");
-        assert_eq!(rate.take_batch(), vec![(ip(1), 2)], "published again");
     }
 
     #[test]

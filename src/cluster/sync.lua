@@ -24,8 +24,7 @@
 --            load skip,
 --            admin version, lost (1: Redis lost the version this replica knew),
 --            { network, until ms, ... } (only when the version is not the known one),
---            { refused networks }, published (1: the rate counts were written; 0: they wait
---            for a later call, draining being a window behind) }
+--            { refused networks } }
 local t = redis.call('TIME')
 local sec = tonumber(t[1])
 local now = sec * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -57,8 +56,8 @@ redis.call('PEXPIRE', KEYS[1], replica_ttl)
 -- left the window is drained out of the totals oldest first, at most `2 × page_size`
 -- fields per call (HSCAN with a cursor kept in its hash), so no call's work grows with an
 -- address spray or the number of replicas: each call adds at most `page_size` fields and
--- drains up to twice that. A second's hash lives until it is drained (60 s TTL as a
--- backstop; Redis must not evict keys, see the README).
+-- drains up to twice that. A second's hash lives until it is drained (its 60 s TTL is
+-- renewed while draining goes on; Redis must not evict keys, see the README).
 local totals_key = KEYS[6]
 local slots = buckets + 1
 local chunk = 1000
@@ -99,12 +98,12 @@ local function subtract(names, counts)
   chunked('HSET', totals_key, keep, 2 * chunk)
   chunked('HDEL', totals_key, gone, chunk)
 end
--- Drains the second held at `key` out of the totals: at most `budget` fields (all of it
--- when `budget` is nil). Each field drained is deleted from the second's hash, so none is
--- taken twice. Returns the fields drained and whether the hash is gone.
+-- Drains the second held at `key` out of the totals: at most `budget` fields. Each field
+-- drained is deleted from the second's hash, so none is taken twice. Returns the fields
+-- drained and whether the hash is gone.
 local function drain(key, budget)
   local cursor = redis.call('HGET', key, ':cursor') or '0'
-  local whole = budget == nil or redis.call('HLEN', key) <= budget
+  local whole = redis.call('HLEN', key) <= budget
   local taken = 0
   repeat
     -- All of it when it fits: no field needs deleting one by one.
@@ -113,7 +112,7 @@ local function drain(key, budget)
     local flat, names, counts, seen = page[2], {}, {}, {}
     -- A page may hold more than COUNT fields (while Redis resizes the hash): those over
     -- the budget stay for a later pass (the hash goes only once it is empty).
-    local room = budget == nil and #flat or budget - taken
+    local room = budget - taken
     for j = 1, #flat, 2 do
       local field = flat[j]
       if #names < room and field ~= ':second' and field ~= ':cursor' and not seen[field] then
@@ -127,9 +126,10 @@ local function drain(key, budget)
       chunked('HDEL', key, names, chunk)
     end
     taken = taken + #names
-  until cursor == '0' or (budget ~= nil and taken >= budget)
+  until cursor == '0' or taken >= budget
   if cursor ~= '0' then
     redis.call('HSET', key, ':cursor', cursor)
+    redis.call('PEXPIRE', key, slot_ttl)
     return taken, false
   end
   if not whole then
@@ -137,6 +137,7 @@ local function drain(key, budget)
     -- over: another hash seed) may have skipped fields: gone only when none is left.
     redis.call('HDEL', key, ':cursor')
     if redis.call('HLEN', key) > 1 then
+      redis.call('PEXPIRE', key, slot_ttl)
       return taken, false
     end
   end
@@ -188,36 +189,27 @@ for i = 1, n_add do
   added[i] = fields[i]
   adds[i] = tonumber(ARGV[base + i])
 end
--- 1 when the new counts were written; 0 when they wait for a later call.
-local published = 1
 if #added > 0 then
   local j = sec % slots
   local now_key = KEYS[7 + j]
-  if held[j] ~= nil and held[j] < sec then
-    -- The slot still holds a second that left the window and that the budget above did
-    -- not empty: draining fell a whole window behind (replicas scaled down right after a
-    -- spray over many). The counts wait (the replica keeps them unconfirmed) rather than
-    -- this call draining without bound.
-    published = 0
-  else
-    if held[j] ~= sec then
-      -- The slot holds a second ahead of Redis' clock (it went back): out of the totals
-      -- first.
-      if held[j] ~= nil then
-        drain(now_key, nil)
-      end
-      redis.call('HSET', now_key, ':second', sec)
+  if held[j] ~= sec then
+    -- A slot still holding another second (one that the budget above did not empty, when
+    -- draining fell a whole window behind after a spray over many replicas; or one ahead
+    -- of Redis' clock, which went back) becomes this second, with what is left of the
+    -- other in it: those counts then leave the totals with this second, later, which only
+    -- refuses earlier, instead of this call draining them without bound.
+    redis.call('HDEL', now_key, ':cursor')
+    redis.call('HSET', now_key, ':second', sec)
+  end
+  redis.call('PEXPIRE', now_key, slot_ttl)
+  for _, key in ipairs({ now_key, totals_key }) do
+    local have = counts_of(key, added)
+    local flat = {}
+    for k = 1, #added do
+      flat[2 * k - 1] = added[k]
+      flat[2 * k] = have[k] + adds[k]
     end
-    redis.call('PEXPIRE', now_key, slot_ttl)
-    for _, key in ipairs({ now_key, totals_key }) do
-      local have = counts_of(key, added)
-      local flat = {}
-      for k = 1, #added do
-        flat[2 * k - 1] = added[k]
-        flat[2 * k] = have[k] + adds[k]
-      end
-      chunked('HSET', key, flat, 2 * chunk)
-    end
+    chunked('HSET', key, flat, 2 * chunk)
   end
 end
 -- Every call refreshes it (see totals_ttl).
@@ -352,5 +344,4 @@ if load_from >= 0 then
     end
   end
 end
-return { now, replicas, totals, bans, now, load_from, load_skip, version, lost, admin, refused,
-  published }
+return { now, replicas, totals, bans, now, load_from, load_skip, version, lost, admin, refused }

@@ -36,9 +36,8 @@ const TICKET_REFRESH: Duration = Duration::from_secs(1);
 /// order, the ban log members (`"<key> <until ms>"`, `"lift <key> <ms>"`, and one page of
 /// the live bans while loading them), the next ban cursor, the load's position (score, -1
 /// when not loading, and rank among equal scores), then the admin bans' version, whether Redis lost the version this replica knew,
-/// the admin list (`network, until ms, ...`, only when the version changed), the
-/// networks refused for `admin.max_bans`, and whether the rate counts were written (0: they
-/// wait for the next sync).
+/// the admin list (`network, until ms, ...`, only when the version changed) and the
+/// networks refused for `admin.max_bans`.
 type SyncReply = (
     i64,
     u64,
@@ -51,7 +50,6 @@ type SyncReply = (
     u8,
     Vec<String>,
     Vec<String>,
-    u8,
 );
 /// The admin part of the script's reply (see [`SyncReply`]).
 struct AdminReply {
@@ -253,9 +251,9 @@ impl Link<'_> {
             .key(format!("{prefix}banlog"))
             .key(format!("{prefix}adminbans"))
             .key(format!("{prefix}adminbans:version"))
-            .key(format!("{prefix}rate"));
+            .key(format!("{prefix}rates"));
         for slot in 0..=BUCKETS {
-            call.key(format!("{prefix}rate:second:{slot}"));
+            call.key(format!("{prefix}rates:second:{slot}"));
         }
         for (key, _) in failures {
             call.key(format!("{prefix}fail:{key}"));
@@ -309,25 +307,9 @@ impl Link<'_> {
         reply: SyncReply,
         enforce: &impl Enforce,
     ) {
-        let (
-            redis_now,
-            replicas,
-            totals,
-            bans,
-            cursor,
-            load,
-            skip,
-            version,
-            lost,
-            list,
-            refused,
-            published,
-        ) = reply;
-        if published != 0 {
-            self.cluster.rate.apply(batch, &totals, replicas);
-        } else {
-            self.cluster.rate.postpone(batch, &totals, replicas);
-        }
+        let (redis_now, replicas, totals, bans, cursor, load, skip, version, lost, list, refused) =
+            reply;
+        self.cluster.rate.apply(batch, &totals, replicas);
         self.cursor = cursor;
         self.load = (load >= 0).then_some((load, skip));
         let now = Instant::now();
