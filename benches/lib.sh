@@ -95,10 +95,17 @@ wait_port() {
     die "$name did not listen on 127.0.0.1:$port within 15 s"
 }
 
-# value SCENARIO SERVER KEY: the KEY=value of that result line, or empty.
+# value SCENARIO SERVER KEY: the KEY=value of that result line, or empty. With several
+# rounds (ROUNDS), the median over the rounds' lines (a word, not a number: the first).
 value() {
     awk -v s="scenario=$1" -v srv="server=$2" -v k="$3=" '
-        $1 == s && $2 == srv { for (i = 3; i <= NF; i++) if (index($i, k) == 1) { print substr($i, length(k) + 1); exit } }
+        $1 == s && $2 == srv { for (i = 3; i <= NF; i++) if (index($i, k) == 1) { v[n++] = substr($i, length(k) + 1); break } }
+        END {
+            if (n == 0) exit
+            if (v[0] !~ /^-?[0-9.]+$/) { print v[0]; exit }
+            for (i = 1; i < n; i++) { x = v[i] + 0; for (j = i - 1; j >= 0 && v[j] + 0 > x; j--) v[j + 1] = v[j]; v[j + 1] = x }
+            if (n % 2) print v[(n - 1) / 2]; else print (v[n / 2 - 1] + v[n / 2]) / 2
+        }
     ' "$RESULTS"
 }
 
@@ -107,10 +114,21 @@ ratio() {
 }
 
 
-# Runs every scenario of SCENARIOS against every server of SERVERS, one server at a time:
+# Runs every scenario of SCENARIOS against every server of SERVERS, one server at a time,
+# ROUNDS times over (1 unless set; the servers alternate within each round, so that a
+# slower minute of this shared machine does not fall on one server only):
 # `config_<server> PORT` sets CMD, the server runs pinned to SERVER_CORE, the load tool to
 # CLIENT_CORE; result lines go to RESULTS, anything that went wrong to NOTES.
 run_servers() {
+    local round
+    for ((round = 1; round <= ${ROUNDS:-1}; round++)); do
+        ((${ROUNDS:-1} == 1)) || log "round $round of $ROUNDS"
+        run_round
+    done
+}
+
+# One round of run_servers.
+run_round() {
     local server scenario logfile pid out lines
     for server in "${SERVERS[@]}"; do
         free_port

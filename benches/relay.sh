@@ -15,11 +15,14 @@
 # (WORKERS loops of connect + full handshake + one relayed frame + close: the cost of a new
 # client connection including the gateway's connection to the backend).
 #
-# Knobs (environment): SECONDS_PER_SCENARIO (5), WORKERS (4), CONNECTIONS (32), BASE_PORT
-# (24530), SERVER_CORE (0), CLIENT_CORE (1), KEEP_TMP (0).
+# Knobs (environment): SECONDS_PER_SCENARIO (5), ROUNDS (3: the servers alternate within
+# each round; the table shows medians over the rounds, since one run of a server moves by
+# up to 20 % on a shared machine), WORKERS (4), CONNECTIONS (32), BASE_PORT (24530),
+# SERVER_CORE (0), CLIENT_CORE (1), KEEP_TMP (0).
 set -euo pipefail
 
 SECONDS_PER_SCENARIO=${SECONDS_PER_SCENARIO:-5}
+ROUNDS=${ROUNDS:-3}
 WORKERS=${WORKERS:-4}
 CONNECTIONS=${CONNECTIONS:-32}
 IDLE=0
@@ -159,7 +162,7 @@ echo
 echo "$(date -u '+%Y-%m-%d %H:%M UTC'), $(uname -m), $cores cores; $(haproxy -v 2>/dev/null | head -n 1 | cut -d' ' -f1-3);" \
     "$(nginx -v 2>&1 | cut -d' ' -f3); portcullis $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
 echo "Servers pinned to core $SERVER_CORE, load tool and byte-echo backend to core $CLIENT_CORE."
-echo "SECONDS_PER_SCENARIO=$SECONDS_PER_SCENARIO WORKERS=$WORKERS CONNECTIONS=$CONNECTIONS"
+echo "SECONDS_PER_SCENARIO=$SECONDS_PER_SCENARIO ROUNDS=$ROUNDS WORKERS=$WORKERS CONNECTIONS=$CONNECTIONS; medians over the rounds"
 echo
 echo "| metric | messages | stream | haproxy | nginx | messages/best | stream/best |"
 echo "|---|---:|---:|---:|---:|---:|---:|"
