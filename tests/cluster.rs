@@ -823,19 +823,14 @@ async fn a_redis_gone_back_in_time_does_not_roll_the_admin_bans_back() {
     let limit = SYNC + Duration::from_secs(1);
     let version = "portcullis:adminbans:version";
     let mut connection = redis.connection().unwrap();
-    for ban in ["127.0.0.131/32", "127.0.0.133/32"] {
-        let body = format!(r#"{{"cidr": "{ban}", "duration": "1h"}}"#);
-        assert_eq!(post_ban(a.admin, &body).await.0, 201);
-    }
+    assert_eq!(
+        post_ban(a.admin, r#"{"cidr": "127.0.0.131/32", "duration": "1h"}"#)
+            .await
+            .0,
+        201
+    );
     let snapshot: String = redis::cmd("GET")
         .arg(version)
-        .query(&mut connection)
-        .unwrap();
-    let held: Vec<(String, u64)> = redis::cmd("ZRANGE")
-        .arg("portcullis:adminbans")
-        .arg(0)
-        .arg(-1)
-        .arg("WITHSCORES")
         .query(&mut connection)
         .unwrap();
     assert_eq!(
@@ -844,26 +839,16 @@ async fn a_redis_gone_back_in_time_does_not_roll_the_admin_bans_back() {
             .0,
         201
     );
-    assert_eq!(delete_ban(a.admin, "127.0.0.133/32").await.0, 200);
     for p in [&a, &b] {
         wait_admission(p.addr, &certs, 132, true, limit).await;
-        wait_admission(p.addr, &certs, 133, false, limit).await;
     }
 
-    // Redis as restored from the snapshot taken after the first two bans: without the
-    // third, and with the one lifted since.
-    let _: () = redis::cmd("DEL")
+    // Redis as restored from the snapshot taken between the two bans.
+    let _: u8 = redis::cmd("ZREM")
         .arg("portcullis:adminbans")
+        .arg("127.0.0.132/32")
         .query(&mut connection)
         .unwrap();
-    for (member, score) in &held {
-        let _: u8 = redis::cmd("ZADD")
-            .arg("portcullis:adminbans")
-            .arg(score)
-            .arg(member)
-            .query(&mut connection)
-            .unwrap();
-    }
     let _: () = redis::cmd("SET")
         .arg(version)
         .arg(&snapshot)
@@ -889,10 +874,6 @@ async fn a_redis_gone_back_in_time_does_not_roll_the_admin_bans_back() {
     for p in [&a, &b] {
         assert!(!admitted(p.addr, &certs, 132).await, "{}", p.stderr());
         assert!(!admitted(p.addr, &certs, 131).await);
-        assert!(
-            admitted(p.addr, &certs, 133).await,
-            "the ban lifted since the snapshot came back"
-        );
     }
     let log = format!("{}{}", a.stderr(), b.stderr());
     assert!(log.contains("rolled back the admin bans"), "{log}");

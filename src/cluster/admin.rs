@@ -36,9 +36,8 @@
 //! replicas saw. Either way the script reports it (logged once per event) and applies none
 //! of that sync's changes, and each such replica publishes every admin ban it holds (then
 //! its queued changes) at its next sync under a higher version, so the bans survive a Redis
-//! restart and bans made since the snapshot do not silently disappear. The first replica
-//! to republish replaces what Redis holds (so a ban lifted since the snapshot does not come
-//! back); its version is then newer than the others knew, so theirs add to it. The version
+//! restart and bans made since the snapshot do not silently disappear. (Republishing adds:
+//! a ban lifted since the snapshot comes back until lifted again.) The version
 //! key lives as long as the longest ban it ever covered (never longer), so it is absent
 //! only when Redis lost it or when every ban it covered has expired anyway.
 //!

@@ -262,13 +262,6 @@ local changed = false
 local refused = {}
 -- When Redis lost the bans, changes wait: the replicas first publish every ban they hold.
 if lost == 1 then n_ops = 0 end
--- The first replica to republish, while Redis holds no newer version than it knew,
--- replaces what Redis holds with its list (the cluster's as it last knew it): a ban lifted
--- since an older snapshot does not come back. Its version is then newer, so the other
--- replicas' republications add to it.
-if republish and current <= known_counter and redis.call('DEL', KEYS[4]) == 1 then
-  changed = true
-end
 for i = 0, n_ops - 1 do
   local kind = ARGV[a + 6 + 3 * i]
   local target = ARGV[a + 7 + 3 * i]
