@@ -37,7 +37,10 @@
 //! of that sync's changes, and each such replica publishes every admin ban it holds (then
 //! its queued changes) at its next sync under a higher version, so the bans survive a Redis
 //! restart and bans made since the snapshot do not silently disappear. (Republishing adds:
-//! a ban lifted since the snapshot comes back until lifted again.) The version
+//! a ban lifted since the snapshot comes back until lifted again. That is the safe
+//! direction: letting the first republisher replace the set was tried and deletes bans
+//! made on a replica that was not cut off during a failover, or, from a replica that keeps
+//! only part of a long list, the longest bans.) The version
 //! key lives as long as the longest ban it ever covered (never longer), so it is absent
 //! only when Redis lost it or when every ban it covered has expired anyway.
 //!
