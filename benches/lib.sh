@@ -95,14 +95,16 @@ wait_port() {
     die "$name did not listen on 127.0.0.1:$port within 15 s"
 }
 
-# value SCENARIO SERVER KEY: the KEY=value of that result line, or empty. With several
-# rounds (ROUNDS), the median over the rounds' lines (a word, not a number: the first).
+# value SCENARIO SERVER KEY: the KEY=value of the first such result line, or empty. With
+# several rounds (ROUNDS > 1), the median over the rounds' lines (a word, not a number: the
+# first); a scenario that prints several lines per run (idle with a list of counts) then
+# wants one count.
 value() {
-    awk -v s="scenario=$1" -v srv="server=$2" -v k="$3=" '
+    awk -v s="scenario=$1" -v srv="server=$2" -v k="$3=" -v rounds="${ROUNDS:-1}" '
         $1 == s && $2 == srv { for (i = 3; i <= NF; i++) if (index($i, k) == 1) { v[n++] = substr($i, length(k) + 1); break } }
         END {
             if (n == 0) exit
-            if (v[0] !~ /^-?[0-9.]+$/) { print v[0]; exit }
+            if (rounds + 0 <= 1 || v[0] !~ /^-?[0-9.]+$/) { print v[0]; exit }
             for (i = 1; i < n; i++) { x = v[i] + 0; for (j = i - 1; j >= 0 && v[j] + 0 > x; j--) v[j + 1] = v[j]; v[j + 1] = x }
             if (n % 2) print v[(n - 1) / 2]; else print (v[n / 2 - 1] + v[n / 2]) / 2
         }
