@@ -7,7 +7,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use support::upstream::{MockUpstream, UpstreamConn};
-use support::{http_get, sample, Client, ClientOptions, Process, TestCerts, ALICE_TOKEN};
+use support::{
+    assert_samples, http_get, sample, Client, ClientOptions, Process, TestCerts, ALICE_TOKEN,
+};
 
 /// `[upstream]` for `servers`, passive health only (no check connections), plus `extra`.
 fn upstream_config(servers: &[SocketAddr], extra: &str) -> String {
@@ -249,22 +251,23 @@ async fn upstream_replies_over_the_cap_or_unfit_for_text_close_the_client() {
     text.expect_closed().await;
 
     let metrics = scrape(&gateway);
-    for (series, value) in [
-        (
-            "portcullis_upstream_errors_total{reason=\"reply_too_large\"}",
-            1.0,
-        ),
-        (
-            "portcullis_upstream_errors_total{reason=\"upstream_protocol\"}",
-            1.0,
-        ),
-        (
-            "portcullis_connections_closed_total{reason=\"upstream_error\"}",
-            2.0,
-        ),
-    ] {
-        assert_eq!(sample(&metrics, series), value, "{series}");
-    }
+    assert_samples(
+        &metrics,
+        &[
+            (
+                "portcullis_upstream_errors_total{reason=\"reply_too_large\"}",
+                1.0,
+            ),
+            (
+                "portcullis_upstream_errors_total{reason=\"upstream_protocol\"}",
+                1.0,
+            ),
+            (
+                "portcullis_connections_closed_total{reason=\"upstream_error\"}",
+                2.0,
+            ),
+        ],
+    );
 }
 
 #[tokio::test]
@@ -1011,30 +1014,31 @@ async fn a_connect_that_never_completes_times_out_then_is_retried_once() {
     );
     client.expect_closed().await;
     let metrics = scrape(&gateway);
-    for (series, value) in [
-        (
-            "portcullis_upstream_errors_total{reason=\"connect_timeout\"}",
-            2.0,
-        ),
-        (
-            "portcullis_upstream_connect_duration_seconds_count{result=\"timeout\"}",
-            2.0,
-        ),
-        (
-            "portcullis_upstream_errors_total{reason=\"unavailable\"}",
-            1.0,
-        ),
-        (
-            "portcullis_upstream_errors_total{reason=\"connect_failed\"}",
-            0.0,
-        ),
-        (
-            "portcullis_upstream_connect_duration_seconds_count{result=\"failed\"}",
-            0.0,
-        ),
-    ] {
-        assert_eq!(sample(&metrics, series), value, "{series}");
-    }
+    assert_samples(
+        &metrics,
+        &[
+            (
+                "portcullis_upstream_errors_total{reason=\"connect_timeout\"}",
+                2.0,
+            ),
+            (
+                "portcullis_upstream_connect_duration_seconds_count{result=\"timeout\"}",
+                2.0,
+            ),
+            (
+                "portcullis_upstream_errors_total{reason=\"unavailable\"}",
+                1.0,
+            ),
+            (
+                "portcullis_upstream_errors_total{reason=\"connect_failed\"}",
+                0.0,
+            ),
+            (
+                "portcullis_upstream_connect_duration_seconds_count{result=\"failed\"}",
+                0.0,
+            ),
+        ],
+    );
     // Each timed-out attempt took connect_timeout: the histogram's sum says so too.
     let sum = sample(
         &metrics,

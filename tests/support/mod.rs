@@ -528,6 +528,13 @@ pub fn sample(scrape: &str, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Asserts each `(series, value)` of `expected` in a Prometheus text scrape (see [`sample`]).
+pub fn assert_samples(scrape: &str, expected: &[(&str, f64)]) {
+    for (series, value) in expected {
+        assert_eq!(sample(scrape, series), *value, "{series}");
+    }
+}
+
 /// Writes a config file for a spawned gateway: loopback port 0, the test certificates,
 /// alice's token, and `extra` TOML appended.
 pub fn write_config(certs: &TestCerts, extra: &str) -> std::path::PathBuf {
