@@ -15,10 +15,14 @@
 # (WORKERS loops of connect + full handshake + one relayed frame + close: the cost of a new
 # client connection including the gateway's connection to the backend).
 #
+# The floor: `bare-epoll` and `bare-uring` are benches/bare-relay, a rustls relay with
+# nothing else in it (no limits, timers, metrics or authentication), on monoio with its
+# epoll driver and with its io_uring driver: what any rustls relay spends per message here.
+#
 # Knobs (environment): SECONDS_PER_SCENARIO (5), ROUNDS (3: the servers alternate within
 # each round; the table shows medians over the rounds, since one run of a server moves by
 # up to 20 % on a shared machine), WORKERS (4), CONNECTIONS (32), BASE_PORT (24530),
-# SERVER_CORE (0), CLIENT_CORE (1), KEEP_TMP (0).
+# SERVER_CORE (0), CLIENT_CORE (1), KEEP_TMP (0), BARE (1: 0 leaves the bare relays out).
 set -euo pipefail
 
 SECONDS_PER_SCENARIO=${SECONDS_PER_SCENARIO:-5}
@@ -30,7 +34,9 @@ BASE_PORT=${BASE_PORT:-24530}
 SERVER_CORE=${SERVER_CORE:-0}
 CLIENT_CORE=${CLIENT_CORE:-1}
 KEEP_TMP=${KEEP_TMP:-0}
+BARE=${BARE:-1}
 SERVERS=(messages stream haproxy nginx)
+((BARE == 0)) || SERVERS+=(bare-epoll bare-uring)
 SCENARIOS=(relay relay_handshake)
 NGINX_STREAM_MODULE=${NGINX_STREAM_MODULE:-/usr/lib/nginx/modules/ngx_stream_module.so}
 
@@ -51,6 +57,12 @@ cores=$(nproc)
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 build_release
+if ((BARE != 0)); then
+    log "building benches/bare-relay"
+    cargo build --release --locked --quiet --manifest-path benches/bare-relay/Cargo.toml \
+        --target-dir target/bare-relay
+fi
+BARE_RELAY=target/bare-relay/release/bare-relay
 
 log "temp dir $DIR"
 "$PORTCULLIS" certs generate --out "$DIR/certs" >/dev/null
@@ -73,6 +85,13 @@ config_portcullis() {
 }
 config_messages() { config_portcullis "$1" messages; }
 config_stream() { config_portcullis "$1" stream; }
+
+# The bare relay (benches/bare-relay) with monoio's epoll or io_uring driver.
+config_bare() {
+    CMD=("$BARE_RELAY" "$2" "127.0.0.1:$1" "127.0.0.1:$BPORT" "$CERTS/server.pem" "$CERTS/server.key")
+}
+config_bare-epoll() { config_bare "$1" epoll; }
+config_bare-uring() { config_bare "$1" uring; }
 
 # HAProxy: TCP mode, one thread, no limits in the way (maxconn covers the scenarios'
 # connections; HAProxy reserves two descriptors each and checks them against ulimit -n).
@@ -164,21 +183,36 @@ echo "$(date -u '+%Y-%m-%d %H:%M UTC'), $(uname -m), $cores cores; $(haproxy -v 
 echo "Servers pinned to core $SERVER_CORE, load tool and byte-echo backend to core $CLIENT_CORE."
 echo "SECONDS_PER_SCENARIO=$SECONDS_PER_SCENARIO ROUNDS=$ROUNDS WORKERS=$WORKERS CONNECTIONS=$CONNECTIONS; medians over the rounds"
 echo
-echo "| metric | messages | stream | haproxy | nginx | messages/best | stream/best |"
-echo "|---|---:|---:|---:|---:|---:|---:|"
+# Columns: every server, then each one that is not a peer against the best peer.
+OURS=()
+for server in "${SERVERS[@]}"; do
+    [[ $server == haproxy || $server == nginx ]] || OURS+=("$server")
+done
+header="| metric |"
+rule="|---|"
+for server in "${SERVERS[@]}"; do header+=" $server |"; rule+="---:|"; done
+for server in "${OURS[@]}"; do header+=" $server/best |"; rule+="---:|"; done
+echo "$header"
+echo "$rule"
 for row in "${ROWS[@]}"; do
     IFS='|' read -r label scenario key better <<<"$row"
-    m=$(value "$scenario" messages "$key")
-    s=$(value "$scenario" stream "$key")
-    h=$(value "$scenario" haproxy "$key")
-    n=$(value "$scenario" nginx "$key")
+    line="| $label |"
+    for server in "${SERVERS[@]}"; do
+        v=$(value "$scenario" "$server" "$key")
+        line+=" ${v:--} |"
+    done
     b=$(best_peer "$scenario" "$key" "$better")
-    echo "| $label | ${m:--} | ${s:--} | ${h:--} | ${n:--} | $(ratio "$m" "$b") | $(ratio "$s" "$b") |"
+    for server in "${OURS[@]}"; do
+        line+=" $(ratio "$(value "$scenario" "$server" "$key")" "$b") |"
+    done
+    echo "$line"
 done
 echo
 echo "\"best\" is the better of HAProxy and nginx in that row. Server CPU per relayed message is"
 echo "the inverse of \"requests per server CPU-second\": a ratio above 1 there means less CPU"
-echo "per message for portcullis. For p99 a ratio below 1 is better for portcullis."
+echo "per message than the best peer. For p99 a ratio below 1 is better than the best peer."
+echo "bare-epoll and bare-uring (benches/bare-relay) are the floor: a rustls relay with nothing"
+echo "else in it, on monoio's epoll and io_uring drivers."
 echo "The profile behind these rows (instructions and system calls per message, what bounds"
 echo "the CPU per message): benches/relay-profile.md."
 echo
