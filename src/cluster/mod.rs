@@ -48,6 +48,14 @@
 //! its first sync. The local GCRA limiter still applies on each replica, so one replica
 //! never admits more than standalone.
 //!
+//! "Not older than one sync cycle" holds while the keys a replica tracks fit in one sync
+//! ([`rate::MAX_KEYS_PER_SYNC`]): all of them go in every batch. Beyond that, keys without
+//! new admissions are fetched in turns, so a replica's view of such a key can be `k` cycles
+//! old, `k` the number of syncs its turns take. An admission after such a pause is checked
+//! against that older total, and the other replicas may have made `(k + 1) a` admissions
+//! each since then. The window then holds at most `L + (N − 1)(k + 1) a < L (1 + (k + 1)/8)`,
+//! which is `1.375 L` with up to two syncs' worth of keys.
+//!
 //! # Bans and failures
 //!
 //! Each failure is published with the next sync and counted per key in a sliding window
