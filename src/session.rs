@@ -522,8 +522,8 @@ impl Session {
                 return Poll::Ready(IoEvent::Wrote(result));
             }
         }
+        let room = self.wbuf.len() < self.write_cap();
         if let Some(link) = &mut self.link {
-            let room = self.wbuf.len() < self.config.limits.max_write_buffer_bytes;
             if let Poll::Ready(event) = link.poll_io(cx, room) {
                 return Poll::Ready(IoEvent::Upstream(event));
             }
@@ -575,11 +575,7 @@ impl Session {
 
     /// When `max_connection_lifetime` ends this connection; `None` without a limit.
     fn lifetime_deadline(&self) -> Option<Instant> {
-        let lifetime = self.config.limits.max_connection_lifetime;
-        if lifetime.is_zero() {
-            return None;
-        }
-        self.started.checked_add(lifetime)
+        lifetime_end(self.started, &self.config)
     }
 
     /// After the rules changed: whether this connection may stay (see [`still_allowed`]).
@@ -590,6 +586,7 @@ impl Session {
             self.ip,
             self.principal.as_ref(),
             conn.peer_certificates(),
+            self.link.is_some(),
         )
     }
 
@@ -609,7 +606,7 @@ impl Session {
     fn process_buffered(&mut self) -> Step {
         let mut served = false;
         loop {
-            if self.wbuf.len() > self.config.limits.max_write_buffer_bytes {
+            if self.wbuf.len() > self.write_cap() {
                 // The caller closes the connection as write_overflow; decoding on would
                 // only queue more replies past the cap.
                 return Step::Continue { served };
@@ -744,15 +741,22 @@ impl Session {
             .map(|chain| chain.iter().map(|c| c.clone().into_owned()).collect());
         let (gateway, ip, principal) = (Arc::clone(&self.gateway), self.ip, self.principal.clone());
         let banned = self.guards.client.banned.clone();
-        let recheck = || still_allowed(&gateway, ip, principal.as_ref(), chain.as_deref());
+        let recheck = || still_allowed(&gateway, ip, principal.as_ref(), chain.as_deref(), true);
         let subscribe = || gateway.rules_changed.subscribe();
+        let started = self.started;
+        let limits = || {
+            let config = gateway.config();
+            stream::Limits {
+                idle_timeout: config.limits.idle_timeout,
+                lifetime_end: lifetime_end(started, &config),
+            }
+        };
         let stops = stream::Stops {
-            idle_timeout: self.config.limits.idle_timeout,
             force: &gateway.shutdown.force,
             banned: &banned,
-            lifetime_end: self.lifetime_deadline(),
             subscribe: &subscribe,
             still_allowed: &recheck,
+            limits: &limits,
         };
         let reason = stream::relay(&mut self.stream, link, pending, stops).await;
         self.close(reason).await
@@ -778,14 +782,14 @@ impl Session {
         Ok(())
     }
 
-    /// The cap on the write buffer: `max_write_buffer_bytes`, raised for a relayed
-    /// connection to what its largest reply needs (validated as `max_reply_bytes + 64`
-    /// when it opened), so that a reload lowering the caps never strands a reply accepted
-    /// under the old ones, which would stop the reading of the upstream for good.
+    /// The cap on the write buffer, the one value that decoding, reading the upstream and
+    /// the `write_overflow` check all use: `max_write_buffer_bytes` in force, or for a
+    /// relayed connection the one it opened under ([`Link::write_cap`]), so that a reload
+    /// lowering the caps neither strands a reply accepted under the old ones nor closes the
+    /// connection.
     fn write_cap(&self) -> usize {
         let cap = self.config.limits.max_write_buffer_bytes;
-        let link = self.link.as_ref();
-        link.map_or(cap, |link| cap.max(link.max_reply_bytes() + 64))
+        self.link.as_ref().map_or(cap, |link| link.write_cap())
     }
 
     /// messages mode: moves complete upstream messages into the write buffer, in the
@@ -877,34 +881,48 @@ impl Session {
 
 /// Whether a connection may stay under the rules now in force: its address against the
 /// access lists and bans, its token against the token list and the auth mode, and its
-/// client certificate against the client CA and CRLs.
+/// client certificate against the client CA and CRLs. A `relayed` connection without a
+/// principal was let through by `auth.mode = "none"`: once another mode is in force it
+/// has no right to the upstream any more (an unrelayed one just needs `AUTH` again).
 fn still_allowed(
     gateway: &Gateway,
     ip: IpAddr,
     principal: Option<&Principal>,
     chain: Option<&[CertificateDer<'_>]>,
+    relayed: bool,
 ) -> Result<(), CloseReason> {
     match gateway.admission.still_admitted(ip) {
         Ok(()) => {}
         Err(RejectReason::Banned) => return Err(CloseReason::Banned),
         Err(_) => return Err(CloseReason::Denied),
     }
-    if let Some(principal) = principal {
-        let mode = gateway.config().auth.mode;
-        let still_valid = match principal.method {
+    let mode = gateway.config().auth.mode;
+    let still_valid = match principal {
+        Some(principal) => match principal.method {
             AuthMethod::Token => {
                 mode != AuthMode::Mtls && gateway.tokens.load().still_holds(principal)
             }
             AuthMethod::Mtls => mode != AuthMode::Token,
-        };
-        if !still_valid {
-            return Err(CloseReason::Revoked);
-        }
+        },
+        None => !relayed || mode == AuthMode::None,
+    };
+    if !still_valid {
+        return Err(CloseReason::Revoked);
     }
     match chain {
         Some(chain) if !gateway.tls.client_chain_verifies(chain) => Err(CloseReason::Revoked),
         _ => Ok(()),
     }
+}
+
+/// When `max_connection_lifetime` ends a connection that started at `started`; `None`
+/// without a limit.
+fn lifetime_end(started: Instant, config: &Config) -> Option<Instant> {
+    let lifetime = config.limits.max_connection_lifetime;
+    if lifetime.is_zero() {
+        return None;
+    }
+    started.checked_add(lifetime)
 }
 
 /// Reads and drops up to `limit` bytes, through a fixed scratch buffer.

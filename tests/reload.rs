@@ -814,3 +814,131 @@ async fn a_reload_stuck_reading_a_file_holds_up_no_connection_nor_the_exit() {
     let status = gateway.wait_exit(Duration::from_secs(10));
     assert!(status.success(), "{status:?}");
 }
+
+/// A reload that lowers `max_write_buffer_bytes` and `max_reply_bytes` under a relayed
+/// connection whose client has replies waiting: the connection keeps the caps it opened
+/// under. It is not closed (SPEC 9: a reload drops no connection; with two replies waiting
+/// it was closed as `write_overflow`), and it reads its client only as far as the upstream
+/// takes the messages (with one reply waiting it stopped forwarding at the new cap but read
+/// on: 2 GB in 4 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_lowering_the_caps_leaves_relayed_connections_open_and_bounded() {
+    use tokio::io::AsyncWriteExt;
+    const REPLY: usize = 900_000;
+    const FLOOD: usize = 256 << 20;
+    const BOUND: usize = 64 << 20;
+    let rate = "[limits]\ncommands_per_second = 10000000\ncommands_burst = 10000000\n";
+    for waiting in [1, 2] {
+        let certs = TestCerts::new();
+        let mut upstream = upstream::MockUpstream::start().await;
+        let passive = "health_interval = \"0s\"\n";
+        let large = format!(
+            "{rate}max_write_buffer_bytes = 2000000\n{}",
+            upstream_section(
+                &[upstream.addr],
+                &format!("{passive}max_reply_bytes = 1000000\n")
+            )
+        );
+        let gateway = Process::gateway(&certs, &large);
+        let mut client = Client::authed(gateway.addr, &certs).await;
+        let (mut conn, _) = next_relayed(&mut upstream).await;
+        for _ in 0..waiting {
+            conn.write_frame(&vec![b'r'; REPLY]).await;
+        }
+        // Taken from the upstream: waiting in the write buffer of a client that reads nothing.
+        let taken = "portcullis_upstream_messages_total{direction=\"from_upstream\"}";
+        wait_for_sample(gateway.admin, taken, waiting as f64).await;
+
+        let defaults = format!("{rate}{}", upstream_section(&[upstream.addr], passive));
+        reload_with(&gateway, &certs, &defaults, "ok", 1.0).await;
+        // The client floods an upstream that reads nothing: its writes must stall.
+        let line = format!("{}\n", "y".repeat(4000));
+        let mut written = 0;
+        while written < FLOOD {
+            let write = client.stream.write_all(line.as_bytes());
+            match tokio::time::timeout(Duration::from_secs(2), write).await {
+                Ok(result) => result.expect("the relayed connection was closed"),
+                Err(_) => break, // stalled: the gateway stopped reading
+            }
+            written += line.len();
+        }
+        assert!(
+            written < BOUND,
+            "{waiting} waiting: the gateway read {written} bytes ahead"
+        );
+        // Nothing lost either way.
+        for _ in 0..waiting {
+            assert_eq!(client.read_line().await.len(), REPLY);
+        }
+        assert_eq!(conn.read_frame().await.unwrap().len(), 4000);
+        let scrape = http_get(gateway.admin, "/metrics").unwrap().1;
+        assert_eq!(
+            sample(
+                &scrape,
+                "portcullis_connections_closed_total{reason=\"write_overflow\"}"
+            ),
+            0.0
+        );
+    }
+}
+
+/// `auth.mode` going from "none" to "token" by a reload: a connection relayed without
+/// authentication has no right to the upstream any more and is closed as revoked, in
+/// stream mode (it stayed open) as in messages mode (it waited for its auth deadline).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_requiring_authentication_closes_anonymous_relays() {
+    for mode in ["stream", "messages"] {
+        let certs = TestCerts::new();
+        let mut upstream = upstream::MockUpstream::start().await;
+        let relay = format!("health_interval = \"0s\"\nmode = \"{mode}\"\n");
+        let relay = upstream_section(&[upstream.addr], &relay);
+        let section = |auth: &str| format!("[auth]\nmode = \"{auth}\"\n{relay}");
+        let gateway = Process::gateway(&certs, &section("none"));
+        let mut client = Client::connect(gateway.addr, &certs).await;
+        client.send_line("anonymous").await;
+        let (mut conn, _) = next_relayed(&mut upstream).await;
+        match mode {
+            "stream" => assert_eq!(conn.read_bytes(10).await, b"anonymous\n"),
+            _ => assert_eq!(conn.read_frame().await.unwrap(), b"anonymous"),
+        }
+
+        reload_with(&gateway, &certs, &section("token"), "ok", 1.0).await;
+        client.expect_close_notify().await;
+        let revoked = "portcullis_connections_closed_total{reason=\"revoked\"}";
+        wait_for_sample(gateway.admin, revoked, 1.0).await;
+    }
+}
+
+/// A stream relay takes a reload's `max_connection_lifetime` and `idle_timeout` as messages
+/// mode does (it kept the values it started with: 60 s of idleness, no lifetime).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_applies_its_time_limits_to_open_stream_relays() {
+    let cases = [
+        ("max_connection_lifetime", "lifetime"),
+        ("idle_timeout", "idle_timeout"),
+    ];
+    for (key, reason) in cases {
+        let certs = TestCerts::new();
+        let mut upstream = upstream::MockUpstream::start().await;
+        let relay = upstream_section(
+            &[upstream.addr],
+            "health_interval = \"0s\"\nmode = \"stream\"\n",
+        );
+        let gateway = Process::gateway(&certs, &relay);
+        let mut client = Client::authed(gateway.addr, &certs).await;
+        let (_conn, _) = next_relayed(&mut upstream).await;
+        // Open, and quiet, for longer than the new limit when the reload comes.
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        let limits = format!("[limits]\n{key} = \"1s\"\n{relay}");
+        reload_with(&gateway, &certs, &limits, "ok", 1.0).await;
+        let reloaded = std::time::Instant::now();
+        client.expect_close_notify().await;
+        assert!(
+            reloaded.elapsed() < Duration::from_secs(3),
+            "{key}: closed {:?} after the reload",
+            reloaded.elapsed()
+        );
+        let closed = format!("portcullis_connections_closed_total{{reason=\"{reason}\"}}");
+        wait_for_sample(gateway.admin, &closed, 1.0).await;
+    }
+}

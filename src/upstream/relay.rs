@@ -67,9 +67,13 @@ impl Link {
         }
     }
 
-    /// The largest reply this connection takes: `max_reply_bytes` when it opened.
-    pub fn max_reply_bytes(&self) -> usize {
-        self.max_reply_bytes
+    /// The cap on the client's write buffer for this connection: `max_write_buffer_bytes`
+    /// when it opened, which validation keeps at `max_reply_bytes + 64` or more. A reload
+    /// does not change it: lowering it under queued replies would close the connection
+    /// (SPEC 9: a reload drops none) or, if the session stopped taking messages at the new
+    /// cap while still reading its client, buffer the client without bound.
+    pub fn write_cap(&self) -> usize {
+        self.out_cap
     }
 
     /// True while another message may be forwarded without exceeding the buffer.

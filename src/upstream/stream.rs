@@ -29,16 +29,24 @@ const BUFFER: usize = 16 * 1024;
 
 /// Why relaying stops early.
 pub struct Stops<'a> {
-    pub idle_timeout: Duration,
     /// `drain_timeout` is over (SIGTERM leaves relayed connections until then).
     pub force: &'a CancellationToken,
     pub banned: &'a CancellationToken,
-    /// When `max_connection_lifetime` ends the connection, if it is set.
-    pub lifetime_end: Option<Instant>,
     /// The token the next change of rules (reload, admin ban) cancels.
     pub subscribe: &'a (dyn Fn() -> CancellationToken + Sync),
     /// Run again after each change: whether the connection may stay, else why it closes.
     pub still_allowed: &'a (dyn Fn() -> Result<(), CloseReason> + Sync),
+    /// The time limits in force: read at the start and again after each change, so that a
+    /// reload's `idle_timeout` and `max_connection_lifetime` apply to open relays too.
+    pub limits: &'a (dyn Fn() -> Limits + Sync),
+}
+
+/// A relay's time limits under the configuration in force.
+#[derive(Clone, Copy)]
+pub struct Limits {
+    pub idle_timeout: Duration,
+    /// When `max_connection_lifetime` ends the connection, if it is set.
+    pub lifetime_end: Option<Instant>,
 }
 
 /// Relays `client` and the link's upstream until both directions have ended. `pending`
@@ -67,8 +75,9 @@ where
         state: state.clone(),
     };
     let copy = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, BUFFER, BUFFER);
-    let idle = tokio::time::sleep(stops.idle_timeout);
-    let lifetime = tokio::time::sleep_until(stops.lifetime_end.unwrap_or_else(Instant::now));
+    let mut limits = (stops.limits)();
+    let idle = tokio::time::sleep(limits.idle_timeout);
+    let lifetime = tokio::time::sleep_until(limits.lifetime_end.unwrap_or_else(Instant::now));
     let changed = (stops.subscribe)().cancelled_owned();
     // A change that landed while the upstream connect was under way, before this
     // subscription, is seen by checking once now.
@@ -89,7 +98,7 @@ where
                     Some(Stop::Force)
                 } else if banned.as_mut().poll(&mut gated).is_ready() {
                     Some(Stop::Banned)
-                } else if stops.lifetime_end.is_some()
+                } else if limits.lifetime_end.is_some()
                     && lifetime.as_mut().poll(&mut gated).is_ready()
                 {
                     Some(Stop::Lifetime)
@@ -120,13 +129,20 @@ where
                 if let Err(reason) = (stops.still_allowed)() {
                     return reason;
                 }
+                limits = (stops.limits)();
+                let next =
+                    crate::deadline::after(state.last_activity().into_std(), limits.idle_timeout);
+                idle.as_mut().reset(Instant::from_std(next));
+                if let Some(end) = limits.lifetime_end {
+                    lifetime.as_mut().reset(end);
+                }
             }
             Err(Stop::Idle) => {
                 let last = state.last_activity();
-                if last.elapsed() >= stops.idle_timeout {
+                if last.elapsed() >= limits.idle_timeout {
                     return CloseReason::IdleTimeout;
                 }
-                let next = crate::deadline::after(last.into_std(), stops.idle_timeout);
+                let next = crate::deadline::after(last.into_std(), limits.idle_timeout);
                 idle.as_mut().reset(Instant::from_std(next));
             }
         }
