@@ -42,17 +42,6 @@ fn config() -> String {
     )
 }
 
-/// A field of `/proc/<pid>/status` in bytes (`VmRSS`, `VmHWM`).
-fn status_bytes(pid: u32, field: &str) -> usize {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kib: usize = status
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"));
-    kib * 1024
-}
-
 /// The send queue (bytes not yet acknowledged by the client) of every established socket
 /// whose local end is `server`, as `ss -tn` reports it in Send-Q.
 fn server_send_queues(server: SocketAddr) -> Vec<usize> {

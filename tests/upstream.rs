@@ -206,18 +206,6 @@ async fn oversize_and_rate_limited_messages_are_refused_and_not_forwarded() {
     );
 }
 
-/// Peak virtual memory of a process, in bytes.
-fn peak_virtual_memory(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmPeak:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .expect("VmPeak");
-    kb * 1024
-}
-
 #[tokio::test]
 async fn upstream_replies_over_the_cap_or_unfit_for_text_close_the_client() {
     let certs = TestCerts::new();
@@ -238,7 +226,7 @@ async fn upstream_replies_over_the_cap_or_unfit_for_text_close_the_client() {
         .unwrap();
     client.expect_closed().await;
     assert!(
-        peak_virtual_memory(gateway.child.id()) < 1 << 31,
+        support::status_bytes(gateway.child.id(), "VmPeak") < 1 << 31,
         "nothing near 4 GiB was reserved"
     );
 
@@ -1111,4 +1099,60 @@ async fn messages_mode_stays_open_while_messages_flow_and_closes_as_idle_after_t
         ),
         1.0
     );
+}
+
+/// A relayed client that floods an upstream which reads nothing costs the gateway one read
+/// chunk and one message past the queue's 8 KiB, not a second `max_write_buffer_bytes`
+/// (1 MiB here): resident memory per connection, measured from outside.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_flooding_an_upstream_that_does_not_read_is_held_back_after_a_few_kib() {
+    use tokio::io::AsyncWriteExt;
+    const CONNECTIONS: usize = 30;
+    const BOUND: usize = 256 * 1024;
+    let certs = TestCerts::new();
+    let mut upstream = MockUpstream::start().await;
+    let extra = format!(
+        "[protocol]\nmax_line_bytes = 16384\n\
+         [limits]\nmax_write_buffer_bytes = 1048576\n\
+         commands_per_second = 10000000\ncommands_burst = 10000000\n{}",
+        upstream_config(&[upstream.addr], "max_reply_bytes = 16384\n")
+    );
+    let gateway = Process::gateway(&certs, &extra);
+    let pid = gateway.child.id();
+    let mut clients = Vec::new();
+    let mut conns = Vec::new(); // held open, never read past the header
+    for _ in 0..CONNECTIONS {
+        clients.push(Client::authed(gateway.addr, &certs).await);
+        let mut conn = upstream.next().await;
+        conn.read_header().await;
+        conns.push(conn);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let baseline = support::status_bytes(pid, "VmRSS");
+
+    let line = format!("{}\n", "y".repeat(16_000));
+    let mut flooding = tokio::task::JoinSet::new();
+    for mut client in clients {
+        let line = line.clone();
+        flooding.spawn(async move {
+            let mut written = 0;
+            loop {
+                let write = client.stream.write_all(line.as_bytes());
+                match tokio::time::timeout(Duration::from_secs(1), write).await {
+                    Ok(result) => result.expect("the gateway reads on"),
+                    Err(_) => return (client, written), // held back
+                }
+                written += line.len();
+                assert!(written < 64 << 20, "the gateway read {written} bytes ahead");
+            }
+        });
+    }
+    let held = flooding.join_all().await;
+    let per_connection = support::status_bytes(pid, "VmRSS").saturating_sub(baseline) / CONNECTIONS;
+    eprintln!("RSS +{per_connection} bytes per held-back relayed connection");
+    assert!(
+        per_connection <= BOUND,
+        "{per_connection} bytes per held-back connection"
+    );
+    drop(held);
 }

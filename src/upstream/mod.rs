@@ -73,8 +73,9 @@ struct Generation {
     connect_timeout: Duration,
     send_proxy: SendProxy,
     max_reply_bytes: usize,
-    /// The cap on bytes queued towards the upstream (`limits.max_write_buffer_bytes`).
-    out_cap: usize,
+    /// The client's write-buffer cap for connections opened under this configuration
+    /// (`limits.max_write_buffer_bytes`).
+    write_cap: usize,
     health_interval: Duration,
     /// Cancelled when a reload replaces this generation: its health checks end.
     replaced: CancellationToken,
@@ -112,7 +113,7 @@ impl Generation {
             connect_timeout: u.connect_timeout,
             send_proxy: u.send_proxy,
             max_reply_bytes: u.max_reply_bytes,
-            out_cap: config.limits.max_write_buffer_bytes,
+            write_cap: config.limits.max_write_buffer_bytes,
             health_interval: u.health_interval,
             replaced: CancellationToken::new(),
         }
@@ -206,7 +207,7 @@ impl Upstream {
                 return Ok(Link::new(
                     io,
                     header,
-                    generation.out_cap,
+                    generation.write_cap,
                     generation.max_reply_bytes,
                     taken,
                 ));

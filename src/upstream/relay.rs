@@ -20,6 +20,10 @@ use crate::metrics::{self, UpstreamDirection};
 
 /// The most read from the upstream in one call.
 const READ_CHUNK: usize = 8 * 1024;
+/// The session stops taking its client's messages while this much waits for the upstream:
+/// the queue towards an upstream that does not read holds at most this plus one message
+/// (which passed its size cap), on top of what the kernel holds for the socket.
+const OUT_CAP: usize = 8 * 1024;
 /// The frame header: `u32` big-endian length.
 const HEADER_LEN: usize = 4;
 
@@ -27,9 +31,10 @@ const HEADER_LEN: usize = 4;
 pub struct Link {
     io: UpstreamStream,
     /// Frames (and, first, the PROXY header) not yet written to the upstream. The session
-    /// stops reading its client while this holds `out_cap` bytes or more.
+    /// stops reading its client while this holds [`OUT_CAP`] bytes or more.
     out: BytesMut,
-    out_cap: usize,
+    /// `max_write_buffer_bytes` when the connection opened: see [`Link::write_cap`].
+    write_cap: usize,
     /// Bytes read from the upstream: at most one frame (checked against `max_reply_bytes`
     /// before it is waited for) plus one read chunk.
     inbuf: BytesMut,
@@ -53,14 +58,14 @@ impl Link {
     pub(super) fn new(
         io: UpstreamStream,
         header: Vec<u8>,
-        out_cap: usize,
+        write_cap: usize,
         max_reply_bytes: usize,
         slot: ServerSlot,
     ) -> Link {
         Link {
             io,
             out: BytesMut::from(header.as_slice()),
-            out_cap,
+            write_cap,
             inbuf: BytesMut::new(),
             max_reply_bytes,
             slot,
@@ -73,12 +78,12 @@ impl Link {
     /// (SPEC 9: a reload drops none) or, if the session stopped taking messages at the new
     /// cap while still reading its client, buffer the client without bound.
     pub fn write_cap(&self) -> usize {
-        self.out_cap
+        self.write_cap
     }
 
     /// True while another message may be forwarded without exceeding the buffer.
     pub fn has_room(&self) -> bool {
-        self.out.len() < self.out_cap
+        self.out.len() < OUT_CAP
     }
 
     /// Queues one message for the upstream as a frame.

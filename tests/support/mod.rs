@@ -648,3 +648,14 @@ pub fn free_port() -> u16 {
         .expect("addr")
         .port()
 }
+
+/// A field of `/proc/<pid>/status` in bytes (`VmRSS`, `VmHWM`, `VmPeak`).
+pub fn status_bytes(pid: u32, field: &str) -> usize {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: usize = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"));
+    kib * 1024
+}
