@@ -42,6 +42,10 @@ const DISCARD_TIMEOUT: Duration = Duration::from_secs(1);
 const DISCARD_BYTES: usize = 256 * 1024;
 /// The most read from the socket in one call; the codec's caps bound the buffer itself.
 const READ_CHUNK: usize = 8 * 1024;
+/// What a relayed connection keeps free in its write buffer for the gateway's own replies
+/// (`ERR RATE_LIMITED …`, under 40 bytes): validation keeps `max_write_buffer_bytes` at
+/// least 64 bytes above the largest reply.
+const OWN_REPLY_ROOM: usize = 64;
 /// The first read after the read buffer was given back (the connection had nothing to
 /// read): small enough for the allocator's per-thread cache, which an 8 KiB buffer per
 /// wake-up was not (a `malloc` and `free` of 8 KiB per relayed message, callgrind). A
@@ -480,7 +484,14 @@ impl Session {
                 Woke::RulesChanged => {
                     // Subscribe again before checking, so that no change is missed.
                     rules_changed.set(gateway.rules_changed.subscribe().cancelled_owned());
+                    let idle_before = self.config.limits.idle_timeout;
                     self.config = gateway.config();
+                    idle_deadline =
+                        retimed(idle_deadline, idle_before, self.config.limits.idle_timeout);
+                    if self.authenticated() {
+                        // `auth.mode = "none"` now: the full message caps apply.
+                        self.codec.authenticated();
+                    }
                     match self.still_allowed() {
                         Ok(()) => continue,
                         Err(reason) => Err(reason),
@@ -523,11 +534,13 @@ impl Session {
             }
         }
         let room = self.wbuf.len() < self.write_cap();
+        let paused = self.decoding_paused();
         if let Some(link) = &mut self.link {
             if let Poll::Ready(event) = link.poll_io(cx, room) {
                 return Poll::Ready(IoEvent::Upstream(event));
             }
-            if !link.has_room() {
+            // Backpressure: nothing more is read while what was read cannot be decoded.
+            if !link.has_room() || paused {
                 return Poll::Pending;
             }
         }
@@ -606,9 +619,10 @@ impl Session {
     fn process_buffered(&mut self) -> Step {
         let mut served = false;
         loop {
-            if self.wbuf.len() > self.write_cap() {
-                // The caller closes the connection as write_overflow; decoding on would
-                // only queue more replies past the cap.
+            if self.decoding_paused() {
+                // Over the cap the caller closes the connection as write_overflow: decoding
+                // on would only queue more replies past it. A relayed connection pauses
+                // before that (see `decoding_paused`) until its client reads.
                 return Step::Continue { served };
             }
             if self.wants_upstream() {
@@ -792,6 +806,20 @@ impl Session {
         self.link.as_ref().map_or(cap, |link| link.write_cap())
     }
 
+    /// True while no more messages are decoded: the write buffer is over its cap (the
+    /// connection is then closed as write_overflow) or, for a relayed connection, has less
+    /// than [`OWN_REPLY_ROOM`] left. Relayed replies fill the buffer up to its cap and a
+    /// refused message then adds the gateway's own `ERR`, which must not count as the
+    /// client's overflow (SPEC 9: relayed messages are held back, not cut off).
+    fn decoding_paused(&self) -> bool {
+        let reserve = if self.link.is_some() {
+            OWN_REPLY_ROOM
+        } else {
+            0
+        };
+        self.wbuf.len() + reserve > self.write_cap()
+    }
+
     /// messages mode: moves complete upstream messages into the write buffer, in the
     /// client's framing, while it has room. True when any moved.
     fn take_replies(&mut self) -> Result<bool, CloseReason> {
@@ -883,7 +911,8 @@ impl Session {
 /// access lists and bans, its token against the token list and the auth mode, and its
 /// client certificate against the client CA and CRLs. A `relayed` connection without a
 /// principal was let through by `auth.mode = "none"`: once another mode is in force it
-/// has no right to the upstream any more (an unrelayed one just needs `AUTH` again).
+/// has no right to the upstream any more (an unrelayed one must authenticate before its
+/// auth deadline, counted from its connect).
 fn still_allowed(
     gateway: &Gateway,
     ip: IpAddr,
@@ -913,6 +942,14 @@ fn still_allowed(
         Some(chain) if !gateway.tls.client_chain_verifies(chain) => Err(CloseReason::Revoked),
         _ => Ok(()),
     }
+}
+
+/// An idle deadline set under `before` as the `idle_timeout`, moved to `after`: the same
+/// last activity, the new timeout.
+fn retimed(deadline: Instant, before: Duration, after: Duration) -> Instant {
+    deadline.checked_sub(before).map_or(deadline, |last| {
+        Instant::from_std(crate::deadline::after(last.into_std(), after))
+    })
 }
 
 /// When `max_connection_lifetime` ends a connection that started at `started`; `None`

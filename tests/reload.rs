@@ -942,3 +942,124 @@ async fn a_reload_applies_its_time_limits_to_open_stream_relays() {
         wait_for_sample(gateway.admin, &closed, 1.0).await;
     }
 }
+
+/// A reload's `idle_timeout` applies to open connections from their last activity, in
+/// messages mode too (the deadline set under the old value stood).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_moves_the_idle_deadline_of_open_connections() {
+    let certs = TestCerts::new();
+    let mut upstream = upstream::MockUpstream::start().await;
+    let relay = upstream_section(&[upstream.addr], "health_interval = \"0s\"\n");
+    let gateway = Process::gateway(&certs, &relay);
+    let mut relayed = Client::authed(gateway.addr, &certs).await;
+    relayed.send_line("first").await;
+    let (mut conn, _) = next_relayed(&mut upstream).await;
+    assert_eq!(conn.read_frame().await.unwrap(), b"first");
+    let mut plain = Client::connect(gateway.addr, &certs).await;
+    assert_eq!(plain.request_line("PING").await, "OK PONG");
+    // Quiet for longer than the new limit when the reload comes.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let limits = format!("[limits]\nidle_timeout = \"1s\"\n{relay}");
+    reload_with(&gateway, &certs, &limits, "ok", 1.0).await;
+    let reloaded = std::time::Instant::now();
+    relayed.expect_close_notify().await;
+    plain.expect_close_notify().await;
+    assert!(
+        reloaded.elapsed() < Duration::from_secs(3),
+        "closed {:?} after the reload",
+        reloaded.elapsed()
+    );
+    let idled = "portcullis_connections_closed_total{reason=\"idle_timeout\"}";
+    wait_for_sample(gateway.admin, idled, 2.0).await;
+}
+
+/// `auth.mode` going to "none" by a reload: a client that had not authenticated is served
+/// as authenticated, with the full message caps (it was held to `max_preauth_bytes`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_to_auth_none_gives_waiting_clients_the_full_caps() {
+    let certs = TestCerts::new();
+    let mut upstream = upstream::MockUpstream::start().await;
+    let relay = upstream_section(&[upstream.addr], "health_interval = \"0s\"\n");
+    let gateway = Process::gateway(&certs, &relay);
+    let mut client = Client::connect(gateway.addr, &certs).await;
+    assert_eq!(client.request_line("PING").await, "OK PONG");
+
+    let open = format!("[auth]\nmode = \"none\"\n{relay}");
+    reload_with(&gateway, &certs, &open, "ok", 1.0).await;
+    let long = "z".repeat(2000);
+    client.send_line(&long).await;
+    let (mut conn, _) = next_relayed(&mut upstream).await;
+    assert_eq!(conn.read_frame().await.unwrap(), long.as_bytes());
+}
+
+/// A relayed client whose write buffer the upstream's replies filled to within a few bytes
+/// of its cap, then sends messages over its command rate: the gateway's `ERR RATE_LIMITED`
+/// must not count as the client's overflow (it was closed as write_overflow). Its messages
+/// wait until it reads, and a flood of them is not read ahead either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusing_a_relayed_message_never_overflows_a_buffer_full_of_replies() {
+    use tokio::io::AsyncWriteExt;
+    const REPLIES: usize = 40_000;
+    const FLOOD: usize = 64 << 20;
+    const BOUND: usize = 16 << 20;
+    let certs = TestCerts::new();
+    let mut upstream = upstream::MockUpstream::start().await;
+    let extra = format!(
+        "[protocol]\nmax_line_bytes = 1000\nmax_frame_bytes = 1000\n\
+         [limits]\nmax_write_buffer_bytes = 10000\nsocket_send_buffer = 4096\n\
+         commands_per_second = 1\ncommands_burst = 2\n{}",
+        upstream_section(
+            &[upstream.addr],
+            "health_interval = \"0s\"\nmax_reply_bytes = 1000\n"
+        )
+    );
+    let gateway = Process::gateway(&certs, &extra);
+    let mut client = Client::authed(gateway.addr, &certs).await;
+    client.send_line("open").await;
+    let (mut conn, _) = next_relayed(&mut upstream).await;
+    assert_eq!(conn.read_frame().await.unwrap(), b"open");
+    // 10-byte replies, 440 KB of them as text, to a client that reads nothing: past what
+    // the kernel's queues and TLS hold, its write buffer fills to within 14 bytes of the
+    // cap (a reply needs 11 of room, and 4 are kept for framing).
+    let mut replies = Vec::new();
+    for _ in 0..REPLIES {
+        replies.extend_from_slice(&support::frame(b"0123456789"));
+    }
+    conn.stream.write_all(&replies).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Over the rate (one per second, the burst of two spent on AUTH and "open"), and many.
+    let line = format!("{}\n", "o".repeat(100));
+    let mut written = 0;
+    while written < FLOOD {
+        let write = client.stream.write_all(line.as_bytes());
+        match tokio::time::timeout(Duration::from_secs(2), write).await {
+            Ok(result) => result.expect("the relayed connection was closed"),
+            Err(_) => break, // held back
+        }
+        written += line.len();
+    }
+    assert!(written < BOUND, "the gateway read {written} bytes ahead");
+
+    // Still open both ways: the client reads the replies, the refusals, then a later reply.
+    let mut refused = 0;
+    loop {
+        match client.read_line().await.as_str() {
+            "0123456789" => {}
+            line if line.starts_with("ERR RATE_LIMITED") => refused += 1,
+            "still open" => break,
+            other => panic!("unexpected reply {other:?}"),
+        }
+        if refused == 2 {
+            conn.write_frame(b"still open").await;
+        }
+    }
+    assert!(refused >= 2, "the messages over the rate were refused");
+    let scrape = http_get(gateway.admin, "/metrics").unwrap().1;
+    assert_eq!(
+        sample(
+            &scrape,
+            "portcullis_connections_closed_total{reason=\"write_overflow\"}"
+        ),
+        0.0
+    );
+}
