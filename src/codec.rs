@@ -106,6 +106,12 @@ impl MessageCodec {
         self.preauth_cap = None;
     }
 
+    /// Puts the pre-authentication cap back: a reload made an unauthenticated connection
+    /// need authentication again (`auth.mode` no longer "none").
+    pub fn unauthenticated(&mut self, cap: usize) {
+        self.preauth_cap = Some(cap);
+    }
+
     /// The binary cap in force.
     fn frame_cap(&self) -> usize {
         self.preauth_cap

@@ -43,9 +43,11 @@ const DISCARD_BYTES: usize = 256 * 1024;
 /// The most read from the socket in one call; the codec's caps bound the buffer itself.
 const READ_CHUNK: usize = 8 * 1024;
 /// What a relayed connection keeps free in its write buffer for the gateway's own replies
-/// (`ERR RATE_LIMITED …`, under 40 bytes): validation keeps `max_write_buffer_bytes` at
-/// least 64 bytes above the largest reply.
-const OWN_REPLY_ROOM: usize = 64;
+/// (`ERR RATE_LIMITED slow down` and its framing, 30 bytes). Upstream replies are taken
+/// only while they leave it free, so the client's messages are still read and forwarded
+/// while replies wait; validation keeps `max_write_buffer_bytes` at least 64 bytes above
+/// the largest reply, so that one still fits with this and its framing.
+const OWN_REPLY_ROOM: usize = 32;
 /// The first read after the read buffer was given back (the connection had nothing to
 /// read): small enough for the allocator's per-thread cache, which an 8 KiB buffer per
 /// wake-up was not (a `malloc` and `free` of 8 KiB per relayed message, callgrind). A
@@ -488,9 +490,14 @@ impl Session {
                     self.config = gateway.config();
                     idle_deadline =
                         retimed(idle_deadline, idle_before, self.config.limits.idle_timeout);
+                    // The message caps follow `auth.mode`: the full ones once it is "none",
+                    // the pre-authentication cap again for a client that must now
+                    // authenticate.
                     if self.authenticated() {
-                        // `auth.mode = "none"` now: the full message caps apply.
                         self.codec.authenticated();
+                    } else {
+                        self.codec
+                            .unauthenticated(self.config.protocol.max_preauth_bytes);
                     }
                     match self.still_allowed() {
                         Ok(()) => continue,
@@ -808,9 +815,9 @@ impl Session {
 
     /// True while no more messages are decoded: the write buffer is over its cap (the
     /// connection is then closed as write_overflow) or, for a relayed connection, has less
-    /// than [`OWN_REPLY_ROOM`] left. Relayed replies fill the buffer up to its cap and a
-    /// refused message then adds the gateway's own `ERR`, which must not count as the
-    /// client's overflow (SPEC 9: relayed messages are held back, not cut off).
+    /// than [`OWN_REPLY_ROOM`] left. Relayed replies leave that room free, so only the
+    /// gateway's own `ERR`s pause a relayed client, until it reads them; they never count
+    /// as its overflow (SPEC 9: relayed messages are held back, not cut off).
     fn decoding_paused(&self) -> bool {
         let reserve = if self.link.is_some() {
             OWN_REPLY_ROOM
@@ -830,8 +837,9 @@ impl Session {
         let framing = self.codec.framing().unwrap_or(Framing::Text);
         let mut moved = false;
         loop {
-            // A frame header (4 bytes) or a newline must fit too.
-            let room = cap.saturating_sub(self.wbuf.len() + 4);
+            // A frame header (4 bytes) or a newline must fit too, and the room kept for
+            // the gateway's own replies stays free.
+            let room = cap.saturating_sub(self.wbuf.len() + 4 + OWN_REPLY_ROOM);
             let reply = match link.next_reply(room) {
                 Ok(Some(reply)) => reply,
                 Ok(None) => return Ok(moved),

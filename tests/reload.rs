@@ -974,22 +974,34 @@ async fn a_reload_moves_the_idle_deadline_of_open_connections() {
 }
 
 /// `auth.mode` going to "none" by a reload: a client that had not authenticated is served
-/// as authenticated, with the full message caps (it was held to `max_preauth_bytes`).
+/// as authenticated, with the full message caps (it was held to `max_preauth_bytes`); and
+/// back to "token": one still unauthenticated is held to `max_preauth_bytes` again (it kept
+/// the full caps).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reload_to_auth_none_gives_waiting_clients_the_full_caps() {
+async fn a_reload_of_auth_mode_moves_the_message_caps_of_waiting_clients() {
     let certs = TestCerts::new();
     let mut upstream = upstream::MockUpstream::start().await;
     let relay = upstream_section(&[upstream.addr], "health_interval = \"0s\"\n");
     let gateway = Process::gateway(&certs, &relay);
     let mut client = Client::connect(gateway.addr, &certs).await;
     assert_eq!(client.request_line("PING").await, "OK PONG");
+    // Silent: under "none" a client whose framing is known is relayed at once.
+    let mut waiting = Client::connect(gateway.addr, &certs).await;
 
     let open = format!("[auth]\nmode = \"none\"\n{relay}");
     reload_with(&gateway, &certs, &open, "ok", 1.0).await;
+    // Each connection applies the reload at its next wake: before its next message, unless
+    // that message is already on its way.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let long = "z".repeat(2000);
     client.send_line(&long).await;
     let (mut conn, _) = next_relayed(&mut upstream).await;
     assert_eq!(conn.read_frame().await.unwrap(), long.as_bytes());
+
+    reload_with(&gateway, &certs, &relay, "ok", 2.0).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    waiting.send_line(&format!("ECHO {long}")).await;
+    assert_eq!(waiting.read_line().await, "ERR TOO_LARGE 1024");
 }
 
 /// A relayed client whose write buffer the upstream's replies filled to within a few bytes
@@ -1019,8 +1031,7 @@ async fn refusing_a_relayed_message_never_overflows_a_buffer_full_of_replies() {
     let (mut conn, _) = next_relayed(&mut upstream).await;
     assert_eq!(conn.read_frame().await.unwrap(), b"open");
     // 10-byte replies, 440 KB of them as text, to a client that reads nothing: past what
-    // the kernel's queues and TLS hold, its write buffer fills to within 14 bytes of the
-    // cap (a reply needs 11 of room, and 4 are kept for framing).
+    // the kernel's queues and TLS hold, its write buffer fills as far as replies may fill it.
     let mut replies = Vec::new();
     for _ in 0..REPLIES {
         replies.extend_from_slice(&support::frame(b"0123456789"));

@@ -1156,3 +1156,60 @@ async fn a_client_flooding_an_upstream_that_does_not_read_is_held_back_after_a_f
     );
     drop(held);
 }
+
+/// Messages flow both ways independently (SPEC 6): a client that reads more slowly than a
+/// feed of small upstream messages arrives is still read, and its messages reach the
+/// upstream at once. (It was read only when the upstream happened to pause: over a Unix
+/// socket, whose feed never pauses, not at all.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reader_of_a_fast_feed_still_reaches_the_upstream() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let certs = TestCerts::new();
+    let socket = certs.dir.path().join("feed.sock");
+    let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+    let server = format!("unix:{}", socket.display());
+    let extra = format!(
+        "[upstream]\nservers = [\"{server}\"]\nhealth_interval = \"0s\"\nsend_proxy = \"off\"\n"
+    );
+    let gateway = Process::gateway(&certs, &extra);
+    let mut client = Client::authed(gateway.addr, &certs).await;
+    client.send_line("subscribe").await;
+    let (upstream, _) = listener.accept().await.unwrap();
+    let (mut from_client, mut to_client) = upstream.into_split();
+    // The feed: 20-byte messages, without a pause.
+    let feed = tokio::spawn(async move {
+        let batch: Vec<u8> = (0..100).flat_map(|_| support::frame(&[b'f'; 20])).collect();
+        while to_client.write_all(&batch).await.is_ok() {}
+    });
+    // The client reads about 200 KB/s of it.
+    let (mut reading, mut writing) = tokio::io::split(client.stream);
+    let reader = tokio::spawn(async move {
+        let mut buf = vec![0u8; 4096];
+        while let Ok(n) = reading.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    assert_eq!(read_frame(&mut from_client).await, b"subscribe");
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    writing.write_all(b"unsubscribe\n").await.unwrap();
+    let arrived = tokio::time::timeout(Duration::from_secs(2), read_frame(&mut from_client)).await;
+    assert_eq!(
+        arrived.expect("the client's message is held behind the feed"),
+        b"unsubscribe"
+    );
+    feed.abort();
+    reader.abort();
+}
+
+/// One frame's payload from a raw upstream connection (no PROXY header).
+async fn read_frame(from: &mut (impl tokio::io::AsyncRead + Unpin)) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut header = [0u8; 4];
+    from.read_exact(&mut header).await.unwrap();
+    let mut payload = vec![0u8; u32::from_be_bytes(header) as usize];
+    from.read_exact(&mut payload).await.unwrap();
+    payload
+}
