@@ -167,6 +167,44 @@ best_peer() {
         if (better == "higher") print (h + 0 > n + 0 ? h : n); else print (h + 0 < n + 0 ? h : n) }'
 }
 
+# Per round: each of ours against the better peer of that same round, and the median of
+# those ratios. The table above takes each server's median first, which flatters whoever
+# is compared with a peer that had its slow rounds (the best peer changes from round to
+# round on this machine); pairing within a round does not.
+per_round() {
+    local key=$1 better=$2
+    awk -v key="$key" -v better="$better" -v ours="${OURS[*]}" '
+        BEGIN { round = 0; n_ours = split(ours, name, " ") }
+        $1 == "scenario=relay" {
+            for (i = 2; i <= NF; i++) { split($i, kv, "="); f[kv[1]] = kv[2] }
+            if (f["server"] in seen) { round++; delete seen }
+            seen[f["server"]] = 1
+            v[round, f["server"]] = f[key]
+        }
+        END {
+            for (r = 0; r <= round; r++) {
+                h = v[r, "haproxy"]; g = v[r, "nginx"]
+                best = (better == "higher") ? (h > g ? h : g) : (h < g ? h : g)
+                line = "| " r + 1 " | " best " |"
+                for (k = 1; k <= n_ours; k++) {
+                    x = v[r, name[k]] / best
+                    line = line sprintf(" %.2f |", x)
+                    ratio[k, r] = x
+                }
+                print line
+            }
+            line = "| median | |"
+            for (k = 1; k <= n_ours; k++) {
+                m = 0
+                for (r = 0; r <= round; r++) s[m++] = ratio[k, r]
+                for (i = 1; i < m; i++) { x = s[i]; for (j = i - 1; j >= 0 && s[j] > x; j--) s[j + 1] = s[j]; s[j + 1] = x }
+                line = line sprintf(" %.2f |", (m % 2) ? s[(m - 1) / 2] : (s[m / 2 - 1] + s[m / 2]) / 2)
+            }
+            print line
+        }
+    ' "$RESULTS"
+}
+
 ROWS=(
     "relayed requests/s|relay|rate|higher"
     "relayed requests per server CPU-second|relay|per_server_cpu_s|higher"
@@ -213,6 +251,19 @@ echo "the inverse of \"requests per server CPU-second\": a ratio above 1 there m
 echo "per message than the best peer. For p99 a ratio below 1 is better than the best peer."
 echo "bare-epoll and bare-uring (benches/bare-relay) are the floor: a rustls relay with nothing"
 echo "else in it, on monoio's epoll and io_uring drivers."
+for row in "relayed requests per server CPU-second|per_server_cpu_s|higher" "relay p99 (µs)|p99_us|lower"; do
+    IFS='|' read -r label key better <<<"$row"
+    echo
+    echo "Per round, $label against that round's better peer:"
+    echo
+    header="| round | best peer |"
+    rule="|---|---:|"
+    for server in "${OURS[@]}"; do header+=" $server |"; rule+="---:|"; done
+    echo "$header"
+    echo "$rule"
+    per_round "$key" "$better"
+done
+echo
 echo "The profile behind these rows (instructions and system calls per message, what bounds"
 echo "the CPU per message): benches/relay-profile.md."
 echo
