@@ -823,7 +823,6 @@ async fn a_reload_stuck_reading_a_file_holds_up_no_connection_nor_the_exit() {
 /// on: 2 GB in 4 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_lowering_the_caps_leaves_relayed_connections_open_and_bounded() {
-    use tokio::io::AsyncWriteExt;
     const REPLY: usize = 900_000;
     const FLOOD: usize = 256 << 20;
     const BOUND: usize = 64 << 20;
@@ -853,15 +852,7 @@ async fn a_reload_lowering_the_caps_leaves_relayed_connections_open_and_bounded(
         reload_with(&gateway, &certs, &defaults, "ok", 1.0).await;
         // The client floods an upstream that reads nothing: its writes must stall.
         let line = format!("{}\n", "y".repeat(4000));
-        let mut written = 0;
-        while written < FLOOD {
-            let write = client.stream.write_all(line.as_bytes());
-            match tokio::time::timeout(Duration::from_secs(2), write).await {
-                Ok(result) => result.expect("the relayed connection was closed"),
-                Err(_) => break, // stalled: the gateway stopped reading
-            }
-            written += line.len();
-        }
+        let written = flood_until_held_back(&mut client, &line, FLOOD).await;
         assert!(
             written < BOUND,
             "{waiting} waiting: the gateway read {written} bytes ahead"
@@ -871,14 +862,7 @@ async fn a_reload_lowering_the_caps_leaves_relayed_connections_open_and_bounded(
             assert_eq!(client.read_line().await.len(), REPLY);
         }
         assert_eq!(conn.read_frame().await.unwrap().len(), 4000);
-        let scrape = http_get(gateway.admin, "/metrics").unwrap().1;
-        assert_eq!(
-            sample(
-                &scrape,
-                "portcullis_connections_closed_total{reason=\"write_overflow\"}"
-            ),
-            0.0
-        );
+        assert_eq!(write_overflows(&gateway), 0.0);
     }
 }
 
@@ -1040,15 +1024,7 @@ async fn refusing_a_relayed_message_never_overflows_a_buffer_full_of_replies() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     // Over the rate (one per second, the burst of two spent on AUTH and "open"), and many.
     let line = format!("{}\n", "o".repeat(100));
-    let mut written = 0;
-    while written < FLOOD {
-        let write = client.stream.write_all(line.as_bytes());
-        match tokio::time::timeout(Duration::from_secs(2), write).await {
-            Ok(result) => result.expect("the relayed connection was closed"),
-            Err(_) => break, // held back
-        }
-        written += line.len();
-    }
+    let written = flood_until_held_back(&mut client, &line, FLOOD).await;
     assert!(written < BOUND, "the gateway read {written} bytes ahead");
 
     // Still open both ways: the client reads the replies, the refusals, then a later reply.
@@ -1065,12 +1041,30 @@ async fn refusing_a_relayed_message_never_overflows_a_buffer_full_of_replies() {
         }
     }
     assert!(refused >= 2, "the messages over the rate were refused");
+    assert_eq!(write_overflows(&gateway), 0.0);
+}
+
+/// Writes `line` over and over until a write stalls for 2 s (the gateway stopped reading)
+/// or `limit` bytes went out; the bytes written. Panics if the connection is closed.
+async fn flood_until_held_back(client: &mut Client, line: &str, limit: usize) -> usize {
+    use tokio::io::AsyncWriteExt;
+    let mut written = 0;
+    while written < limit {
+        let write = client.stream.write_all(line.as_bytes());
+        match tokio::time::timeout(Duration::from_secs(2), write).await {
+            Ok(result) => result.expect("the relayed connection was closed"),
+            Err(_) => break, // held back
+        }
+        written += line.len();
+    }
+    written
+}
+
+/// Connections the gateway closed as `write_overflow`.
+fn write_overflows(gateway: &Process) -> f64 {
     let scrape = http_get(gateway.admin, "/metrics").unwrap().1;
-    assert_eq!(
-        sample(
-            &scrape,
-            "portcullis_connections_closed_total{reason=\"write_overflow\"}"
-        ),
-        0.0
-    );
+    sample(
+        &scrape,
+        "portcullis_connections_closed_total{reason=\"write_overflow\"}",
+    )
 }
