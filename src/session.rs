@@ -421,7 +421,7 @@ impl Session {
             } else {
                 (idle_deadline, CloseReason::IdleTimeout)
             };
-            let (deadline, expired) = match self.lifetime_deadline() {
+            let (deadline, expired) = match lifetime_end(self.started, &self.config) {
                 Some(end) if end < deadline => (end, CloseReason::Lifetime),
                 _ => (deadline, expired),
             };
@@ -591,11 +591,6 @@ impl Session {
 
     fn authenticated(&self) -> bool {
         self.config.auth.mode == AuthMode::None || self.principal.is_some()
-    }
-
-    /// When `max_connection_lifetime` ends this connection; `None` without a limit.
-    fn lifetime_deadline(&self) -> Option<Instant> {
-        lifetime_end(self.started, &self.config)
     }
 
     /// After the rules changed: whether this connection may stay (see [`still_allowed`]).
